@@ -1,0 +1,626 @@
+"""Qwen2-VL / Qwen2.5-VL in plain PyTorch: vision tower + Qwen2 decoder with M-RoPE.
+
+Pipeline: data -> processor -> [model] -> sampler -> rewards -> ppo.
+The processor turns pages into `pixel_values` [patches, 3*2*14*14] plus `image_grid_thw`, and the prompt into
+`input_ids` where every image is a run of `<|image_pad|>` tokens (one per 2x2 block of patches). Here the vision
+tower encodes the patches, the merged features replace the `<|image_pad|>` embeddings, and the decoder runs with
+3-stream (temporal, height, width) rotary positions. Module names follow the released checkpoints
+(`visual.*`, `model.*`, `lm_head`), so a state_dict maps one to one onto the safetensors keys.
+"""
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mmr5.weights import load_into, save_state
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config: read from a HF config.json in either layout (released flat, or transformers-5 nested `text_config`)
+
+
+@dataclass
+class VisionConfig:
+    depth: int = 32
+    hidden_size: int = 1280  # D, the ViT width
+    out_hidden_size: int = 3584  # the LM width the merger projects to
+    num_heads: int = 16
+    intermediate_size: int = 3420  # Qwen2-VL: embed_dim * mlp_ratio
+    hidden_act: str = "silu"  # Qwen2-VL: quick_gelu
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    in_channels: int = 3
+    rope_theta: float = 10000.0
+    window_size: int = 112  # Qwen2.5-VL only
+    fullatt_block_indexes: list = field(default_factory=lambda: [7, 15, 23, 31])  # Qwen2.5-VL only
+    tokens_per_second: int = 4  # videos only; kept so configs round-trip
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 152064
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 28
+    num_key_value_heads: int = 4
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1000000.0
+    mrope_section: list = field(default_factory=lambda: [16, 24, 24])
+    max_position_embeddings: int = 128000
+    bos_token_id: int | None = 151643
+    eos_token_id: int | list | None = 151645
+
+
+@dataclass
+class Config:
+    model_type: str = "qwen2_5_vl"  # or "qwen2_vl"
+    text: TextConfig = field(default_factory=TextConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    tie_word_embeddings: bool = False
+    torch_dtype: str = "bfloat16"  # the dtype the weights are stored in
+
+    @property
+    def is_qwen2_5(self) -> bool:
+        return self.model_type == "qwen2_5_vl"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        model_type = d.get("model_type")
+        if model_type not in ("qwen2_vl", "qwen2_5_vl"):
+            raise ValueError(f"model_type {model_type!r} is not supported: mmr5 runs 'qwen2_vl' and 'qwen2_5_vl' checkpoints")
+        t = d.get("text_config") or d  # transformers 5 nests the text fields; released configs keep them flat
+        v = dict(d.get("vision_config") or {})
+        rope = t.get("rope_parameters") or t.get("rope_scaling") or d.get("rope_scaling") or {}
+        text = TextConfig(**{f.name: t[f.name] for f in fields(TextConfig) if f.name in t and t[f.name] is not None})
+        text.rope_theta = float(rope.get("rope_theta", t.get("rope_theta", d.get("rope_theta", text.rope_theta))))
+        text.mrope_section = list(rope.get("mrope_section", text.mrope_section))
+        if model_type == "qwen2_vl":  # ViT width is `embed_dim`, `hidden_size` is the LM width it projects to
+            v["out_hidden_size"] = v.get("hidden_size", text.hidden_size)
+            v["hidden_size"] = v.get("embed_dim", 1280)
+            v["intermediate_size"] = int(v["hidden_size"] * v.get("mlp_ratio", 4))
+            v.setdefault("hidden_act", "quick_gelu")
+        v["rope_theta"] = float((v.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+        vision = VisionConfig(**{f.name: v[f.name] for f in fields(VisionConfig) if f.name in v})
+        tie = d.get("tie_word_embeddings", t.get("tie_word_embeddings", False))
+        top = {k: d[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id") if k in d}
+        dtype = d.get("torch_dtype") or d.get("dtype") or t.get("torch_dtype") or "bfloat16"
+        cfg = cls(model_type=model_type, text=text, vision=vision, tie_word_embeddings=bool(tie), torch_dtype=dtype, **top)
+        if sum(cfg.text.mrope_section) * 2 != cfg.text.hidden_size // cfg.text.num_attention_heads:
+            raise ValueError(f"mrope_section {cfg.text.mrope_section} must sum to head_dim/2")
+        return cfg
+
+    @classmethod
+    def from_file(cls, path) -> "Config":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.exists():
+            raise FileNotFoundError(f"no config.json at {path}")
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+    def to_dict(self) -> dict:
+        """The released (flat) layout, which HF transformers 4.x/5.x and vLLM all read."""
+        t, v = self.text, self.vision
+        vision = dict(depth=v.depth, num_heads=v.num_heads, hidden_act=v.hidden_act, patch_size=v.patch_size,
+                      temporal_patch_size=v.temporal_patch_size, spatial_merge_size=v.spatial_merge_size,
+                      in_channels=v.in_channels, model_type=self.model_type + "_vision")
+        if self.is_qwen2_5:
+            vision.update(hidden_size=v.hidden_size, out_hidden_size=v.out_hidden_size, intermediate_size=v.intermediate_size,
+                          window_size=v.window_size, fullatt_block_indexes=list(v.fullatt_block_indexes),
+                          tokens_per_second=v.tokens_per_second)
+        else:
+            vision.update(embed_dim=v.hidden_size, hidden_size=v.out_hidden_size, mlp_ratio=v.intermediate_size / v.hidden_size)
+        arch = "Qwen2_5_VLForConditionalGeneration" if self.is_qwen2_5 else "Qwen2VLForConditionalGeneration"
+        return dict(
+            architectures=[arch], model_type=self.model_type, torch_dtype=self.torch_dtype,
+            vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+            num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+            num_key_value_heads=t.num_key_value_heads, hidden_act=t.hidden_act, rms_norm_eps=t.rms_norm_eps,
+            rope_theta=t.rope_theta, rope_scaling={"type": "mrope", "mrope_section": list(t.mrope_section)},
+            max_position_embeddings=t.max_position_embeddings, max_window_layers=t.num_hidden_layers,
+            use_sliding_window=False, sliding_window=None, attention_dropout=0.0, use_cache=True,
+            bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id, tie_word_embeddings=self.tie_word_embeddings,
+            image_token_id=self.image_token_id, video_token_id=self.video_token_id,
+            vision_start_token_id=self.vision_start_token_id, vision_end_token_id=self.vision_end_token_id,
+            vision_config=vision,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared pieces
+
+
+class RMSNorm(nn.Module):
+    """Variance in float32, normalised value cast back to the input dtype, then scaled (as the reference)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)): the LM's MLP (no bias) and Qwen2.5-VL's vision MLP (with bias)."""
+
+    def __init__(self, dim: int, hidden: int, act: str, bias: bool):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.act = ACTIVATIONS[act]
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MLP(nn.Module):
+    """fc2(act(fc1(x))): Qwen2-VL's vision MLP."""
+
+    def __init__(self, dim: int, hidden: int, act: str):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.act = ACTIVATIONS[act]
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def inv_freq(dim: int, theta: float, device=None) -> torch.Tensor:
+    """1 / theta^(2i/dim) for i < dim/2: the rotary frequencies, computed on the fly (no buffers to load)."""
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Vision tower
+
+
+def vision_patch_positions(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
+    """(h, w) of every patch, in the processor's order: 2x2 merge blocks row-major, patches row-major inside."""
+    out = []
+    for t, h, w in grid_thw.tolist():
+        hh = torch.arange(h).view(h // merge, merge, 1, 1).expand(-1, -1, w // merge, merge)
+        ww = torch.arange(w).view(1, 1, w // merge, merge).expand(h // merge, merge, -1, -1)
+        hw = torch.stack([hh.permute(0, 2, 1, 3).flatten(), ww.permute(0, 2, 1, 3).flatten()], dim=-1)
+        out.append(hw.repeat(t, 1))
+    return torch.cat(out)
+
+
+def vision_windows(grid_thw: torch.Tensor, cfg: VisionConfig) -> tuple[torch.Tensor, list[int]]:
+    """Qwen2.5-VL window attention: the order that groups merged tokens window by window, and window lengths.
+
+    Each frame's merged grid (h/2, w/2) is cut into windows of `window_size/merge/patch` merged tokens per side
+    (4 in the released model), counted from the top-left; windows at the right and bottom edges are smaller.
+    Returns `window_index` (a permutation of all merged tokens) and the number of *patches* in each window.
+    """
+    side = cfg.window_size // cfg.spatial_merge_size // cfg.patch_size
+    unit = cfg.spatial_merge_size ** 2
+    order, lengths, offset = [], [], 0
+    for t, h, w in grid_thw.tolist():
+        gh, gw = h // cfg.spatial_merge_size, w // cfg.spatial_merge_size
+        ids = torch.arange(t * gh * gw).view(t, gh, gw)
+        for f in range(t):
+            for r0 in range(0, gh, side):
+                for c0 in range(0, gw, side):
+                    win = ids[f, r0:r0 + side, c0:c0 + side].flatten()
+                    order.append(win + offset)
+                    lengths.append(win.numel() * unit)
+        offset += t * gh * gw
+    return torch.cat(order), lengths
+
+
+def segment_attention(q, k, v, lengths: list[int]) -> torch.Tensor:
+    """Non-causal attention inside each contiguous segment of a packed [S, heads, hd] sequence.
+
+    Segments of equal length are batched into one SDPA call with no mask (so the fast kernels apply); images or
+    windows never see each other.
+    """
+    out = torch.empty_like(q)
+    starts = torch.tensor([0] + lengths[:-1]).cumsum(0).tolist()
+    by_len: dict[int, list[int]] = {}
+    for s, n in zip(starts, lengths):
+        by_len.setdefault(n, []).append(s)
+    for n, ss in by_len.items():
+        idx = (torch.tensor(ss)[:, None] + torch.arange(n)).to(q.device)  # [G, n]
+        qg, kg, vg = (x[idx].transpose(1, 2) for x in (q, k, v))  # [G, heads, n, hd]
+        out[idx] = F.scaled_dot_product_attention(qg, kg, vg).transpose(1, 2)
+    return out
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)  # [Q all heads | K | V]
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x, cos, sin, lengths):
+        S = x.shape[0]
+        q, k, v = self.qkv(x).view(S, 3, self.num_heads, -1).unbind(1)
+        dtype = q.dtype  # the 2-D rotary is applied in float32, as the reference does
+        q = (q.float() * cos + rotate_half(q.float()) * sin).to(dtype)
+        k = (k.float() * cos + rotate_half(k.float()) * sin).to(dtype)
+        return self.proj(segment_attention(q, k, v, lengths).reshape(S, -1))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig, qwen2_5: bool):
+        super().__init__()
+        if qwen2_5:
+            self.norm1, self.norm2 = RMSNorm(cfg.hidden_size, 1e-6), RMSNorm(cfg.hidden_size, 1e-6)
+            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=True)
+        else:
+            self.norm1, self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=1e-6), nn.LayerNorm(cfg.hidden_size, eps=1e-6)
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
+        self.attn = VisionAttention(cfg)
+
+    def forward(self, x, cos, sin, lengths):
+        x = x + self.attn(self.norm1(x), cos, sin, lengths)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    """Conv3d with kernel == stride == (2, 14, 14) and no bias; on pre-cut patches that is just a matmul."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        c, t, p = cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size
+        self.proj = nn.Module()
+        self.proj.weight = nn.Parameter(torch.empty(cfg.hidden_size, c, t, p, p))  # the checkpoint's Conv3d shape
+
+    def forward(self, pixel_values):
+        w = self.proj.weight
+        return F.linear(pixel_values.to(w.dtype), w.view(w.shape[0], -1))
+
+
+class PatchMerger(nn.Module):
+    """Norm, then each 2x2 block of neighbouring patches (4 consecutive rows) -> one LM-width token."""
+
+    def __init__(self, cfg: VisionConfig, qwen2_5: bool):
+        super().__init__()
+        d = cfg.hidden_size * cfg.spatial_merge_size ** 2
+        self.ln_q = RMSNorm(cfg.hidden_size, 1e-6) if qwen2_5 else nn.LayerNorm(cfg.hidden_size, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, cfg.out_hidden_size))
+        self.d = d
+
+    def forward(self, x):
+        return self.mlp(self.ln_q(x).view(-1, self.d))
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: VisionConfig, qwen2_5: bool):
+        super().__init__()
+        self.cfg, self.qwen2_5 = cfg, qwen2_5
+        self.patch_embed = PatchEmbed(cfg)
+        self.blocks = nn.ModuleList(VisionBlock(cfg, qwen2_5) for _ in range(cfg.depth))
+        self.merger = PatchMerger(cfg, qwen2_5)
+        self.gradient_checkpointing = False
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """[patches, 1176] -> [patches / 4, LM width], images in the order of `grid_thw`."""
+        cfg = self.cfg
+        unit = cfg.spatial_merge_size ** 2
+        x = self.patch_embed(pixel_values)
+        hw = vision_patch_positions(grid_thw, cfg.spatial_merge_size).to(x.device)
+        freqs = hw[..., None].float() * inv_freq(cfg.hidden_size // cfg.num_heads // 2, cfg.rope_theta, x.device)
+        emb = torch.cat([freqs[:, 0], freqs[:, 1]], dim=-1)  # [S, hd/2]: h frequencies then w frequencies
+        emb = torch.cat([emb, emb], dim=-1)[:, None, :]  # [S, 1, hd], broadcast over heads
+        cos, sin = emb.cos(), emb.sin()
+        frames = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0]).tolist()
+        lengths_full = lengths_window = frames  # Qwen2-VL: every block attends over whole frames
+        if self.qwen2_5:  # regroup patches window by window (in whole 2x2 merge units), undone after the merger
+            window_index, lengths_window = vision_windows(grid_thw, cfg)
+            window_index = window_index.to(x.device)
+            regroup = lambda z: z.view(-1, unit, *z.shape[1:])[window_index].flatten(0, 1)
+            x, cos, sin = regroup(x), regroup(cos), regroup(sin)
+        for i, block in enumerate(self.blocks):
+            full = not self.qwen2_5 or i in cfg.fullatt_block_indexes
+            lengths = lengths_full if full else lengths_window
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, cos, sin, lengths, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, lengths)
+        x = self.merger(x)
+        if self.qwen2_5:
+            x = x[torch.argsort(window_index)]
+        return x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Language model
+
+
+class KVCache:
+    """Pre-allocated keys and values, one [batch, kv_heads, max_len, head_dim] pair per layer.
+
+    `seen` counts the positions already written; a forward with T new tokens writes [seen, seen + T).
+    """
+
+    def __init__(self, cfg: TextConfig, batch: int, max_len: int, dtype, device):
+        hd = cfg.hidden_size // cfg.num_attention_heads
+        shape = (batch, cfg.num_key_value_heads, max_len, hd)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.seen = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+    def repeat_interleave(self, n: int) -> "KVCache":
+        """Each row n times in a row (group sampling: the prompt's cache is computed once, shared n ways)."""
+        new = object.__new__(KVCache)
+        new.k = [k.repeat_interleave(n, dim=0) for k in self.k]
+        new.v = [v.repeat_interleave(n, dim=0) for v in self.v]
+        new.seen = self.seen
+        return new
+
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        """Keep only `rows` (finished rows are dropped from the decode batch)."""
+        new = object.__new__(KVCache)
+        new.k = [k[rows] for k in self.k]
+        new.v = [v[rows] for v in self.v]
+        new.seen = self.seen
+        return new
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.hd = cfg.hidden_size // cfg.num_attention_heads
+        self.q_proj = nn.Linear(cfg.hidden_size, self.heads * self.hd, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.hd, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.hd, bias=True)
+        self.o_proj = nn.Linear(self.heads * self.hd, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.heads, self.hd).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.kv_heads, self.hd).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.kv_heads, self.hd).transpose(1, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin  # cos/sin: [B, 1, T, hd]
+        if cache is not None:
+            end = cache.seen + T
+            cache.k[self.layer][:, :, cache.seen:end] = k
+            cache.v[self.layer][:, :, cache.seen:end] = v
+            k, v = cache.k[self.layer][:, :, :end], cache.v[self.layer][:, :, :end]
+        if mask is None:  # no padding, no cache: plain causal
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gradient_checkpointing = False
+
+    def mrope(self, position_ids: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """M-RoPE: frequency j rotates by the t, h or w position as `mrope_section` assigns it. -> [B, 1, L, hd]."""
+        cfg = self.cfg
+        hd = cfg.hidden_size // cfg.num_attention_heads
+        freqs = position_ids[..., None].float() * inv_freq(hd, cfg.rope_theta, position_ids.device)  # [3, B, L, hd/2]
+        chunks = freqs.split(cfg.mrope_section, dim=-1)
+        freqs = torch.cat([chunk[i % 3] for i, chunk in enumerate(chunks)], dim=-1)  # [B, L, hd/2]
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+        return emb.cos().to(dtype), emb.sin().to(dtype)  # float32 math, cast to the model dtype as the reference
+
+    def forward(self, x, position_ids, mask, cache):
+        cos, sin = self.mrope(position_ids, x.dtype)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = checkpoint(layer, x, cos, sin, mask, None, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        return self.norm(x)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The whole model
+
+
+def rope_positions(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                   image_token_id: int, merge: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """3-stream positions [3, B, L] for text + images, and each row's decoding offset ("rope delta") [B].
+
+    Per row, pads dropped: text advances all three streams by one per token; an image with merged grid (h', w')
+    starting at s gets t = s, h = s + i, w = s + j, and the text after it resumes at s + max(h', w'). A token
+    generated k steps after the prompt sits at max_position + 1 + k = (prompt_len + k) + delta.
+    Pads get position 0 (they are masked out). Images are taken from `image_grid_thw` in row order.
+    """
+    B, L = input_ids.shape
+    positions = torch.zeros(3, B, L, dtype=torch.long)
+    deltas = torch.zeros(B, dtype=torch.long)
+    ids_cpu = input_ids.cpu()
+    valid = attention_mask.bool().cpu() if attention_mask is not None else torch.ones(B, L, dtype=torch.bool)
+    grids = iter(image_grid_thw.tolist() if image_grid_thw is not None else [])
+    for b in range(B):
+        ids = ids_cpu[b][valid[b]]
+        is_image = (ids == image_token_id).tolist()
+        pieces, pos, i, n = [], 0, 0, len(is_image)
+        while i < n:
+            j = i
+            while j < n and is_image[j] == is_image[i]:
+                j += 1
+            if not is_image[i]:
+                pieces.append(torch.arange(pos, pos + j - i).expand(3, -1))
+                pos += j - i
+            else:
+                k = i
+                while k < j:  # a run of image tokens may hold several images back to back
+                    try:
+                        t, h, w = next(grids)
+                    except StopIteration:
+                        raise ValueError("the prompts hold more <|image_pad|> runs than image_grid_thw has images") from None
+                    h, w = h // merge, w // merge
+                    tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+                    pieces.append(torch.stack([tt.flatten(), hh.flatten(), ww.flatten()]) + pos)
+                    pos += max(h, w)
+                    k += t * h * w
+            i = j
+        row = torch.cat(pieces, dim=1) if pieces else torch.zeros(3, 0, dtype=torch.long)
+        positions[:, b, valid[b]] = row
+        deltas[b] = (row.max() + 1 - n) if n else 0
+    return positions.to(input_ids.device), deltas.to(input_ids.device)
+
+
+def attention_mask_4d(attention_mask: torch.Tensor, q_len: int) -> torch.Tensor:
+    """[B, K] key validity -> [B, 1, q_len, K] boolean mask: causal (queries are the last q_len keys) and no pads.
+
+    A query that would see no key at all (a left pad) is let see itself, so SDPA never softmaxes an empty row.
+    """
+    K = attention_mask.shape[1]
+    keys = torch.arange(K, device=attention_mask.device)
+    queries = torch.arange(K - q_len, K, device=attention_mask.device)
+    causal = keys[None, :] <= queries[:, None]  # [q_len, K]
+    mask = causal[None] & attention_mask.bool()[:, None, :]
+    mask = mask | (keys[None, None, :] == queries[None, :, None])
+    return mask[:, None]
+
+
+class Output(NamedTuple):
+    logits: torch.Tensor | None  # [B, L or logits_to_keep, vocab] (float as the model dtype)
+    hidden_states: torch.Tensor  # [B, L, hidden] after the final norm: what the value head reads
+
+
+class Qwen2VL(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.config = cfg
+        self.visual = VisionTransformer(cfg.vision, cfg.is_qwen2_5)
+        self.model = TextModel(cfg.text)
+        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def set_gradient_checkpointing(self, on: bool = True):
+        self.visual.gradient_checkpointing = self.model.gradient_checkpointing = on
+
+    def rope_positions(self, input_ids, attention_mask=None, image_grid_thw=None):
+        return rope_positions(input_ids, image_grid_thw, attention_mask, self.config.image_token_id,
+                              self.config.vision.spatial_merge_size)
+
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None) -> torch.Tensor:
+        """Token embeddings with each `<|image_pad|>` replaced by its merged vision feature."""
+        x = self.model.embed_tokens(input_ids)
+        if pixel_values is None:
+            return x
+        if image_grid_thw is None:
+            raise ValueError("pixel_values given without image_grid_thw")
+        image = self.visual(pixel_values, image_grid_thw.cpu())
+        slots = input_ids == self.config.image_token_id
+        n = int(slots.sum())
+        if n != image.shape[0]:
+            raise ValueError(f"the prompts hold {n} <|image_pad|> tokens but the images give {image.shape[0]} features")
+        return x.masked_scatter(slots[..., None], image.to(x.dtype))
+
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                position_ids=None, cache: KVCache | None = None, logits_to_keep: int | None = 0) -> Output:
+        """Logits (all positions, the last `logits_to_keep`, or none when None) and final hidden states.
+
+        With a cache, `attention_mask` covers every position so far (cached + new), as in HF, and `position_ids`
+        must be given for decoding steps (prefill + offset; see `rope_positions`).
+        """
+        B, T = input_ids.shape
+        x = self.embed(input_ids, pixel_values, image_grid_thw)
+        if position_ids is None:
+            if cache is not None and cache.seen > 0:
+                raise ValueError("decoding with a cache needs position_ids (prompt max position + 1 + step)")
+            mask_for_pos = attention_mask[:, -T:] if attention_mask is not None else None
+            position_ids, _ = self.rope_positions(input_ids, mask_for_pos, image_grid_thw)
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if cache is None and not padded:
+            mask = None
+        else:
+            keys = attention_mask if attention_mask is not None else torch.ones(B, T + (cache.seen if cache else 0),
+                                                                                dtype=torch.bool, device=x.device)
+            mask = attention_mask_4d(keys.to(x.device), T)
+        h = self.model(x, position_ids, mask, cache)
+        if cache is not None:
+            cache.seen += T
+        if logits_to_keep is None:
+            return Output(None, h)
+        return Output(self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h), h)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu") -> "Qwen2VL":
+        """Build on the meta device, then materialise each tensor straight from the safetensors files."""
+        cfg = Config.from_file(path)
+        with torch.device("meta"):
+            model = cls(cfg)
+        load_into(model, path, dtype=dtype, device=device, tied={"lm_head.weight"} if cfg.tie_word_embeddings else set())
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model.eval()
+
+    def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30, side_files_from=None):
+        """config.json + safetensors shards (+ index) in the released layout, written atomically; tokenizer and
+        preprocessor files are copied from `side_files_from` (the directory the model came from)."""
+        state = self.state_dict()
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight")
+        config = self.config.to_dict()
+        config["torch_dtype"] = str(self.dtype).removeprefix("torch.")
+        save_state(state, config, path, max_shard_bytes=max_shard_bytes, side_files_from=side_files_from)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())

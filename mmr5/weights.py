@@ -1,0 +1,157 @@
+"""Safetensors checkpoints in the Hugging Face layout: read them straight into a model, write them atomically.
+
+Pipeline: data -> processor -> [weights] -> model -> sampler -> rewards -> ppo. This file knows files and tensor
+names, not the architecture: `model.py` builds the modules (on the meta device) and calls `load_into`, so a 7B
+model is read tensor by tensor into its final dtype and device and never needs twice its size in RAM.
+"""
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+# Files a model directory carries besides the weights, copied along when a model is saved from another one.
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+              "added_tokens.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
+              "generation_config.json")
+
+
+def canonical_key(key: str) -> str:
+    """transformers >= 4.52 may write `model.language_model.*` / `model.visual.*`; released files use `model.*` /
+    `visual.*`. We name everything the released way."""
+    if key.startswith("model.language_model."):
+        return "model." + key[len("model.language_model."):]
+    if key.startswith("model.visual."):
+        return key[len("model."):]
+    return key
+
+
+def tensor_files(path) -> dict[str, Path]:
+    """Every tensor name in a checkpoint directory -> the file that holds it (single file or sharded + index)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    if (path / INDEX).exists():
+        try:
+            weight_map = json.loads((path / INDEX).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path / INDEX} is not a valid safetensors index ({e})") from None
+        missing = sorted({f for f in weight_map.values() if not (path / f).exists()})
+        if missing:
+            raise FileNotFoundError(f"{path}: shard(s) listed in {INDEX} are missing: {', '.join(missing)}")
+        return {k: path / f for k, f in weight_map.items()}
+    if (path / SINGLE).exists():
+        try:
+            with safe_open(path / SINGLE, framework="pt") as f:
+                return {k: path / SINGLE for k in f.keys()}
+        except Exception as e:
+            raise ValueError(f"{path / SINGLE} is not a readable safetensors file ({e})") from None
+    raise FileNotFoundError(f"{path}: no {SINGLE} or {INDEX}")
+
+
+def _listing(title: str, names: list[str]) -> str:
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return f"{len(names)} {title} ({shown})"
+
+
+def load_into(module: nn.Module, path, dtype: torch.dtype, device, tied: set[str] = frozenset()):
+    """Replace every (meta) parameter of `module` by the checkpoint's tensor, converted to `dtype` on `device`.
+
+    `tied` names parameters that mirror another one (a tied lm_head): not required, not loaded. Missing,
+    unexpected and mis-shaped tensors are all reported in one error before anything is read.
+    """
+    files = {canonical_key(k): (k, f) for k, f in tensor_files(path).items()}
+    params = dict(module.named_parameters(remove_duplicate=False))
+    wanted = {k: p for k, p in params.items() if k not in tied}
+    missing = sorted(k for k in wanted if k not in files)
+    unexpected = sorted(k for k in files if k not in params)
+    mismatched = []
+    handles = {}
+    try:
+        for name, (key, file) in files.items():
+            if name not in wanted:
+                continue
+            if file not in handles:
+                handles[file] = safe_open(file, framework="pt", device="cpu")
+            shape = tuple(handles[file].get_slice(key).get_shape())
+            if shape != tuple(wanted[name].shape):
+                mismatched.append(f"{key}: file {list(shape)} vs model {list(wanted[name].shape)}")
+        problems = [_listing(t, n) for t, n in (("missing tensors", missing), ("unexpected tensors", unexpected),
+                                                  ("mis-shaped tensors", mismatched)) if n]
+        if problems:
+            raise ValueError(f"checkpoint {path} does not fit the model in its config.json: " + "; ".join(problems))
+        for name, (key, file) in files.items():
+            if name not in wanted:
+                continue
+            tensor = handles[file].get_tensor(key).to(device=device, dtype=dtype)
+            owner, _, attr = name.rpartition(".")
+            mod = module.get_submodule(owner)
+            mod._parameters[attr] = nn.Parameter(tensor, requires_grad=wanted[name].requires_grad)
+    finally:
+        handles.clear()
+
+
+@contextmanager
+def atomic_directory(path):
+    """Yield a temporary sibling directory; on success it replaces `path` in (nearly) one step.
+
+    A crash before the end leaves `path` untouched (the temporary folder is cleaned up on the next save).
+    The old directory is renamed aside first, then the new one into place, then the old one removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp"
+    old = path.parent / f".{path.name}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        for f in tmp.iterdir():  # make the data durable before the rename makes it visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_state(state: dict[str, torch.Tensor], config: dict, path, max_shard_bytes: int = 5 * 2**30,
+               side_files_from=None):
+    """Write config.json + safetensors shards (+ index when more than one) into `path`, atomically.
+
+    `side_files_from`: a model directory whose tokenizer / preprocessor / generation files are copied along, so
+    the result is a complete model directory that HF transformers and vLLM load.
+    """
+    shards, current, size = [], {}, 0
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[k] = v
+        size += nbytes
+    shards.append(current)
+    names = [SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    with atomic_directory(path) as tmp:
+        for name, shard in zip(names, shards):
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in shard.items()}, tmp / name, metadata={"format": "pt"})
+        if len(shards) > 1:
+            total = sum(v.numel() * v.element_size() for v in state.values())
+            weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+            (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        if side_files_from is not None:
+            for name in SIDE_FILES:
+                if (Path(side_files_from) / name).exists():
+                    shutil.copyfile(Path(side_files_from) / name, tmp / name)
