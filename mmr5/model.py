@@ -123,7 +123,7 @@ class Config:
                           window_size=v.window_size, fullatt_block_indexes=list(v.fullatt_block_indexes),
                           tokens_per_second=v.tokens_per_second)
         else:
-            vision.update(embed_dim=v.hidden_size, hidden_size=v.out_hidden_size, mlp_ratio=v.intermediate_size / v.hidden_size)
+            vision.update(embed_dim=v.hidden_size, hidden_size=v.out_hidden_size, mlp_ratio=v.intermediate_size // v.hidden_size)
         arch = "Qwen2_5_VLForConditionalGeneration" if self.is_qwen2_5 else "Qwen2VLForConditionalGeneration"
         return dict(
             architectures=[arch], model_type=self.model_type, torch_dtype=self.torch_dtype,

@@ -1,0 +1,190 @@
+"""mmr5.model against HF transformers on tiny random checkpoints, float32 on CPU."""
+import pytest
+import torch
+from conftest import SPECIAL, hf_config, hf_model
+
+from mmr5.model import Config, Qwen2VL, rope_positions
+
+# Two rows, images of different sizes, the second row shorter (so it is left padded). Grids are in patches.
+GRIDS = [[[1, 8, 12], [1, 6, 4], [1, 4, 10]], [[1, 10, 10], [1, 4, 4]]]
+
+
+def make_batch(grids=GRIDS, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows, all_grids = [], []
+    for row_grids in grids:
+        ids = torch.randint(0, 300, (3,), generator=g).tolist()
+        for t, h, w in row_grids:
+            ids += [SPECIAL["vision_start_token_id"]] + [SPECIAL["image_token_id"]] * (t * h * w // 4)
+            ids += [SPECIAL["vision_end_token_id"]] + torch.randint(0, 300, (4,), generator=g).tolist()
+            all_grids.append([t, h, w])
+        rows.append(ids)
+    L = max(map(len, rows))
+    input_ids = torch.zeros(len(rows), L, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), L, dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, L - len(r):] = torch.tensor(r)
+        attention_mask[i, L - len(r):] = 1
+    grid = torch.tensor(all_grids)
+    pixel_values = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14, generator=g)
+    return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, image_grid_thw=grid)
+
+
+def hf_forward(ref, batch):
+    mm = (batch["input_ids"] == SPECIAL["image_token_id"]).int()  # without it HF silently uses 1-D positions
+    with torch.no_grad():
+        return ref(**batch, mm_token_type_ids=mm).logits
+
+
+@pytest.mark.parametrize("version", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("tie", [False, True])
+def test_logits_match_reference(tiny_checkpoints, version, tie):
+    from transformers import AutoModelForImageTextToText
+
+    path = tiny_checkpoints[version, tie]
+    ref = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    ours = Qwen2VL.from_pretrained(path)
+    batch = make_batch()
+    expected = hf_forward(ref, batch)
+    with torch.no_grad():
+        got = ours(**batch).logits
+    valid = batch["attention_mask"].bool()
+    assert expected[valid].abs().max() > 1.0  # the comparison is not between two near-zero tensors
+    assert (expected[valid] - got[valid]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("version", ["qwen2_vl", "qwen2_5_vl"])
+def test_vision_tower_matches_reference(tiny_checkpoints, version):
+    from transformers import AutoModelForImageTextToText
+
+    path = tiny_checkpoints[version, False]
+    ref = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    ours = Qwen2VL.from_pretrained(path)
+    batch = make_batch()
+    with torch.no_grad():
+        expected = torch.cat(ref.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output)
+        got = ours.visual(batch["pixel_values"], batch["image_grid_thw"])
+    assert got.shape == expected.shape
+    assert (expected - got).abs().max() <= 1e-5
+
+
+def test_window_attention_is_exercised():
+    """The 8x12-patch image (4x6 merged) with 2x2-token windows: 6 windows; the 10x10 one: 9, some partial."""
+    from mmr5.model import VisionConfig, vision_windows
+
+    cfg = VisionConfig(window_size=56, patch_size=14, spatial_merge_size=2)
+    index, lengths = vision_windows(torch.tensor([[1, 8, 12], [1, 10, 10]]), cfg)
+    assert len(lengths) == 6 + 9
+    assert sorted(index.tolist()) == list(range(24 + 25))
+    assert lengths[:6] == [16] * 6 and 4 in lengths  # a 1x1-token corner window holds 4 patches
+
+
+def test_positions_match_reference(tiny_checkpoints):
+    from transformers import AutoModelForImageTextToText
+
+    ref = AutoModelForImageTextToText.from_pretrained(tiny_checkpoints["qwen2_5_vl", False]).eval()
+    batch = make_batch()
+    mm = (batch["input_ids"] == SPECIAL["image_token_id"]).int()
+    expected, expected_delta = ref.model.get_rope_index(batch["input_ids"], mm, batch["image_grid_thw"],
+                                                        attention_mask=batch["attention_mask"])
+    got, delta = rope_positions(batch["input_ids"], batch["image_grid_thw"], batch["attention_mask"],
+                                SPECIAL["image_token_id"], 2)
+    valid = batch["attention_mask"].bool()
+    assert torch.equal(expected[:, valid], got[:, valid])
+    assert delta.tolist() == expected_delta.flatten().tolist()
+    assert delta.tolist()[0] < 0  # images compress positions, so decoding offsets are negative
+
+
+def test_text_only_and_unpadded(tiny_checkpoints):
+    """No images, no padding: the fast causal path, still equal to the reference."""
+    from transformers import AutoModelForImageTextToText
+
+    path = tiny_checkpoints["qwen2_5_vl", False]
+    ref = AutoModelForImageTextToText.from_pretrained(path).eval()
+    ours = Qwen2VL.from_pretrained(path)
+    ids = torch.randint(0, 300, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ref(input_ids=ids).logits - ours(ids).logits).abs().max() <= 1e-4
+
+
+def test_kv_cache_decoding_matches_full_forward(tiny_checkpoints):
+    """Prefill + token-by-token decoding with the per-row offset gives the logits of one full forward."""
+    from mmr5.model import KVCache
+
+    model = Qwen2VL.from_pretrained(tiny_checkpoints["qwen2_5_vl", False])
+    batch = make_batch()
+    new = torch.randint(0, 300, (2, 5), generator=torch.Generator().manual_seed(2))
+    full_ids = torch.cat([batch["input_ids"], new], 1)
+    full_mask = torch.cat([batch["attention_mask"], torch.ones_like(new)], 1)
+    with torch.no_grad():
+        full = model(full_ids, full_mask, batch["pixel_values"], batch["image_grid_thw"]).logits
+        cache = KVCache(model.config.text, 2, full_ids.shape[1], torch.float32, "cpu")
+        pos, delta = model.rope_positions(batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"])
+        model(**batch, position_ids=pos, cache=cache)
+        prompt_len = batch["attention_mask"].sum(1)
+        for k in range(new.shape[1]):
+            p = (prompt_len + k + delta).view(1, 2, 1).expand(3, 2, 1)
+            mask = full_mask[:, : batch["input_ids"].shape[1] + k + 1]
+            step = model(new[:, k:k + 1], mask, position_ids=p, cache=cache).logits[:, -1]
+            assert (step - full[:, batch["input_ids"].shape[1] + k]).abs().max() <= 1e-4
+
+
+def test_config_reads_both_layouts(tiny_checkpoints):
+    """The nested transformers-5 layout and our flat released layout give the same config."""
+    import json
+
+    nested = json.loads((tiny_checkpoints["qwen2_5_vl", True] / "config.json").read_text())
+    assert "text_config" in nested
+    a = Config.from_dict(nested)
+    flat = a.to_dict()
+    assert "text_config" not in flat and flat["rope_scaling"]["mrope_section"] == [2, 3, 3]
+    b = Config.from_dict(flat)
+    assert a == b
+    assert a.tie_word_embeddings and a.vision.window_size == 56 and a.text.num_key_value_heads == 2
+
+
+def test_config_released_qwen2_5_vl_7b_and_qwen2_vl_2b():
+    """Released flat configs (fields as published for Qwen2.5-VL-7B-Instruct and Qwen2-VL-2B-Instruct)."""
+    q25 = dict(architectures=["Qwen2_5_VLForConditionalGeneration"], model_type="qwen2_5_vl", hidden_size=3584,
+               intermediate_size=18944, num_attention_heads=28, num_hidden_layers=28, num_key_value_heads=4,
+               rms_norm_eps=1e-6, rope_theta=1000000.0, vocab_size=152064, tie_word_embeddings=False,
+               rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, torch_dtype="bfloat16",
+               vision_config=dict(depth=32, hidden_act="silu", hidden_size=1280, intermediate_size=3420, num_heads=16,
+                                  in_chans=3, out_hidden_size=3584, patch_size=14, spatial_merge_size=2,
+                                  spatial_patch_size=14, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
+                                  tokens_per_second=2, temporal_patch_size=2))
+    c = Config.from_dict(q25)
+    assert (c.text.hidden_size, c.vision.hidden_size, c.vision.out_hidden_size, c.text.mrope_section) == (3584, 1280, 3584, [16, 24, 24])
+    q2 = dict(model_type="qwen2_vl", hidden_size=1536, intermediate_size=8960, num_attention_heads=12,
+              num_hidden_layers=28, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1000000.0,
+              vocab_size=151936, tie_word_embeddings=True, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+              vision_config=dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, in_chans=3, hidden_size=1536,
+                                 patch_size=14, spatial_merge_size=2, temporal_patch_size=2))
+    c = Config.from_dict(q2)
+    assert (c.vision.hidden_size, c.vision.out_hidden_size, c.vision.intermediate_size, c.vision.hidden_act) == (1280, 1536, 5120, "quick_gelu")
+    assert c.tie_word_embeddings
+
+
+def test_wrong_model_type_is_refused():
+    with pytest.raises(ValueError, match="model_type 'llama' is not supported"):
+        Config.from_dict({"model_type": "llama"})
+
+
+def test_gradient_checkpointing_gives_same_gradients(tiny_checkpoints):
+    model = Qwen2VL.from_pretrained(tiny_checkpoints["qwen2_5_vl", False]).train()
+    batch = make_batch()
+    grads = []
+    for on in (False, True):
+        model.set_gradient_checkpointing(on)
+        model.zero_grad()
+        model(**batch).logits.float().pow(2).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_hf_model_helper_spreads_logits():
+    """Guard for the fixtures themselves: random models must not be near-uniform (else greedy tests are weak)."""
+    ref = hf_model(hf_config("qwen2_vl"))
+    with torch.no_grad():
+        logits = ref(input_ids=torch.arange(20)[None]).logits
+    assert logits.std() > 0.5
