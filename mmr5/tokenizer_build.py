@@ -40,7 +40,10 @@ QWEN2_5_VL_CHAT_TEMPLATE = (
 
 
 def train_tokenizer(corpus: list[str], vocab_size: int) -> Tokenizer:
-    """Train a byte-level BPE of `vocab_size` tokens in total (special tokens included) on `corpus`."""
+    """Train a byte-level BPE of at most `vocab_size` tokens, special tokens included, on `corpus`.
+
+    Fewer come out when the corpus runs out of pairs to merge.
+    """
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (256 bytes + special tokens)")
     tokenizer = Tokenizer(BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
