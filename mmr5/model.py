@@ -624,3 +624,18 @@ class Qwen2VL(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    @classmethod
+    def random(cls, cfg: Config, std: float = 0.02, seed: int = 0) -> "Qwen2VL":
+        """A freshly initialised model (as HF does: normal(0, std) matrices, zero biases, unit norms)."""
+        gen = torch.Generator().manual_seed(seed)
+        model = cls(cfg)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.zero_()
+                elif p.dim() == 1:
+                    p.fill_(1.0)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+        return model
