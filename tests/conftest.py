@@ -52,3 +52,46 @@ def tiny_checkpoints(tmp_path_factory):
             hf_model(hf_config(version, tie)).save_pretrained(d)
             out[version, tie] = d
     return out
+
+
+def tiny_corpus():
+    """Sentences for a tiny BPE vocabulary, the MM-R5 prompt strings included so prompts tokenize compactly."""
+    import random
+
+    from mmr5.processor import QUESTION_TEMPLATE, SYSTEM_PROMPT
+
+    rng = random.Random(0)
+    words = ["the", "page", "shows", "a", "red", "blue", "green", "circle", "square", "triangle", "question",
+             "asks", "for", "Image", "relevant", "not", "answer", "think", "so", "is", "chart", "table"]
+    sentences = [" ".join(rng.choice(words) for _ in range(8)) + "." for _ in range(300)]
+    return sentences + [SYSTEM_PROMPT, QUESTION_TEMPLATE, "<think>Image 1 is best.</think><answer>[1, 2, 3]</answer>"]
+
+
+def make_model_dir(path, version="qwen2_5_vl", tie=False, seed=0, max_pixels=112 * 112):
+    """A complete tiny model directory: HF-saved random weights + a tiny Qwen-pipeline tokenizer whose special
+    token ids the config names, as a released checkpoint directory has them."""
+    from mmr5.tokenizer_build import save_tokenizer_files, train_tokenizer
+
+    tokenizer = train_tokenizer(tiny_corpus(), 500)
+    special = {key: tokenizer.token_to_id(tok) for key, tok in [
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
+    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    hf_model(hf_config(version, tie, vocab_size=vocab, special=special), seed=seed).save_pretrained(path)
+    save_tokenizer_files(tokenizer, str(path), max_pixels=max_pixels)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory):
+    """{version: directory} of complete tiny model directories (weights + tokenizer + preprocessor config)."""
+    return {v: make_model_dir(tmp_path_factory.mktemp(f"{v}_full"), v) for v in ("qwen2_vl", "qwen2_5_vl")}
+
+
+def page_images(count, seed=0, sizes=((56, 84), (70, 42), (98, 98), (28, 140))):
+    """Random-noise RGB pages of a few different sizes (PIL images)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (*sizes[i % len(sizes)], 3), dtype=np.uint8)) for i in range(count)]

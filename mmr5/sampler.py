@@ -1,0 +1,121 @@
+"""Rollouts: batched generation with a pre-allocated KV cache, group sampling, CUDA/bf16 or CPU/fp32 alike.
+
+Pipeline: data -> processor -> model -> [sampler] -> rewards -> ppo.
+One prefill runs the vision tower and the prompt once per prompt; with `n` samples per prompt (GRPO/PPO groups)
+the prompt's cache is then copied n ways instead of recomputed. Decoding feeds one token per row per step, each
+at its row's own M-RoPE position (prompt max position + 1 + step), and checks for stop tokens only every
+`check_every` steps so the GPU is not synchronised per token; finished rows are then dropped from the batch.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from mmr5.model import KVCache, Qwen2VL
+
+
+@dataclass
+class Rollout:
+    tokens: torch.Tensor  # [R, T] generated ids (R = prompts * n, row r from prompt r // n); pad_id after the end
+    mask: torch.Tensor  # [R, T] bool: real generated tokens, the stop token included
+    logprobs: torch.Tensor  # [R, T] float32 log-prob under the distribution sampled from (0 for greedy)
+    model_logprobs: torch.Tensor  # [R, T] float32 log-prob under the model's unmodified distribution
+    texts: list[str]  # decoded responses, special tokens skipped
+    finished: torch.Tensor  # [R] bool: the row ended on a stop token (not cut at max_new_tokens)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.mask.sum(1)
+
+
+def sampling_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Temperature, then top-k, then nucleus (top-p) filtering; filtered-out tokens get -inf."""
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # tokens whose predecessors already cover top_p; the first stays
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator) -> tuple[torch.Tensor, ...]:
+    """Next token per row from float32 logits [R, V] -> (token, sampling log-prob, model log-prob)."""
+    model_logp = logits.log_softmax(-1)
+    if temperature == 0:
+        token = logits.argmax(-1)
+        return token, torch.zeros_like(token, dtype=torch.float32), model_logp.gather(-1, token[:, None])[:, 0]
+    logp = sampling_logits(logits, temperature, top_k, top_p).log_softmax(-1)
+    token = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]
+    return token, logp.gather(-1, token[:, None])[:, 0], model_logp.gather(-1, token[:, None])[:, 0]
+
+
+@torch.no_grad()
+def generate(model: Qwen2VL, processor, batch: dict, max_new_tokens: int, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0, n: int = 1, stop_ids=None, generator: torch.Generator | None = None,
+             check_every: int = 8, compile: bool = False) -> Rollout:
+    """Sample `n` responses per prompt of a left-padded `batch` (as `Processor.rerank_inputs` builds it).
+
+    Greedy when temperature == 0. `stop_ids` defaults to `<|im_end|>` and `<|endoftext|>`. The generator (on the
+    model's device) makes sampling reproducible. `compile=True` wraps the decode step in torch.compile (for GPUs).
+    """
+    if max_new_tokens < 1 or n < 1:
+        raise ValueError(f"max_new_tokens and n must be >= 1 (got {max_new_tokens}, {n})")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"bad sampling settings: temperature={temperature}, top_p={top_p}, top_k={top_k}")
+    device, dtype = model.device, model.dtype
+    stop_ids = torch.tensor(list(stop_ids or (processor.im_end_id, processor.endoftext_id)), device=device)
+    input_ids = batch["input_ids"].to(device)
+    attention_mask = batch["attention_mask"].to(device)
+    pixel_values, grid = batch.get("pixel_values"), batch.get("image_grid_thw")
+    if pixel_values is not None:
+        pixel_values = pixel_values.to(device, non_blocking=True)
+    B, L = input_ids.shape
+
+    # Prefill once per prompt; the cache holds exactly prompt + max_new_tokens positions.
+    positions, deltas = model.rope_positions(input_ids, attention_mask, grid)
+    cache = KVCache(model.config.text, B, L + max_new_tokens, dtype, device)
+    logits = model(input_ids, attention_mask, pixel_values, grid, position_ids=positions, cache=cache,
+                   logits_to_keep=1).logits[:, -1].float()
+    next_position = attention_mask.sum(1) + deltas  # position of the first generated token, per row
+    if n > 1:  # group sampling: copy the prompt's cache n ways instead of recomputing it
+        cache = cache.repeat_interleave(n)
+        logits, next_position = logits.repeat_interleave(n, 0), next_position.repeat_interleave(n)
+        attention_mask = attention_mask.repeat_interleave(n, 0)
+
+    R = B * n
+    tokens = torch.full((R, max_new_tokens), processor.pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros(R, max_new_tokens, dtype=torch.bool, device=device)
+    logprobs = torch.zeros(R, max_new_tokens, device=device)
+    model_logprobs = torch.zeros(R, max_new_tokens, device=device)
+    finished = torch.zeros(R, dtype=torch.bool, device=device)
+    rows = torch.arange(R, device=device)  # the rows still decoding, as indices into the outputs
+    keys = torch.cat([attention_mask, torch.ones(R, max_new_tokens, dtype=attention_mask.dtype, device=device)], 1)
+    step_fn = torch.compile(model, dynamic=True) if compile else model
+
+    for step in range(max_new_tokens):
+        token, logp, model_logp = pick(logits, temperature, top_k, top_p, generator)
+        done = finished[rows]
+        tokens[rows, step] = torch.where(done, processor.pad_id, token)
+        mask[rows, step] = ~done
+        logprobs[rows, step] = logp.masked_fill(done, 0.0)
+        model_logprobs[rows, step] = model_logp.masked_fill(done, 0.0)
+        finished[rows] = done | torch.isin(token, stop_ids)
+        if step == max_new_tokens - 1:
+            break
+        if (step + 1) % check_every == 0:  # the only host synchronisation: drop rows that have stopped
+            active = ~finished[rows]
+            if not bool(active.any()):
+                break
+            if not bool(active.all()):
+                keep = active.nonzero()[:, 0]
+                rows, cache, next_position = rows[keep], cache.select(keep), next_position[keep]
+                token = token[keep]
+        position = (next_position + step).view(1, -1, 1).expand(3, -1, 1)
+        logits = step_fn(token[:, None], keys[rows, : L + step + 1], position_ids=position, cache=cache,
+                         logits_to_keep=1).logits[:, -1].float()
+
+    texts = [processor.decode(t[m].tolist()) for t, m in zip(tokens.cpu(), mask.cpu())]
+    return Rollout(tokens, mask, logprobs, model_logprobs, texts, finished)
