@@ -58,7 +58,7 @@ def generate(model: Qwen2VL, processor, batch: dict, max_new_tokens: int, temper
              check_every: int = 8, compile: bool = False) -> Rollout:
     """Sample `n` responses per prompt of a left-padded `batch` (as `Processor.rerank_inputs` builds it).
 
-    Greedy when temperature == 0. `stop_ids` defaults to `<|im_end|>` and `<|endoftext|>`. The generator (on the
+    Greedy when temperature == 0. `stop_ids` defaults to `<|im_end|>` and `<|endoftext|>` ([] never stops). The generator (on the
     model's device) makes sampling reproducible. `compile=True` wraps the decode step in torch.compile (for GPUs).
     """
     if max_new_tokens < 1 or n < 1:
@@ -66,7 +66,8 @@ def generate(model: Qwen2VL, processor, batch: dict, max_new_tokens: int, temper
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError(f"bad sampling settings: temperature={temperature}, top_p={top_p}, top_k={top_k}")
     device, dtype = model.device, model.dtype
-    stop_ids = torch.tensor(list(stop_ids or (processor.im_end_id, processor.endoftext_id)), device=device)
+    stop_ids = (processor.im_end_id, processor.endoftext_id) if stop_ids is None else stop_ids
+    stop_ids = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     input_ids = batch["input_ids"].to(device)
     attention_mask = batch["attention_mask"].to(device)
     pixel_values, grid = batch.get("pixel_values"), batch.get("image_grid_thw")
