@@ -1,0 +1,103 @@
+"""`Reranker`: query + candidate pages in, ranking (with the model's reasoning and per-candidate scores) out.
+
+Pipeline: data -> processor -> model -> sampler -> rewards -> [reranker]. This is the inference entry point a user
+calls on a real checkpoint (Qwen2.5-VL / the released MM-R5): it renders MM-R5's prompt, generates the
+`<think>...</think><answer>[...]</answer>` text with the sampler and reads the order as the release does.
+
+Scores: a listwise generator gives an order, not a number per candidate. After the reasoning, the model's next-token
+distribution right after `<answer>[` is its belief about which candidate ranks first; one extra forward over the
+prompt + the generated text up to `<answer>[` reads it out. Candidate ids are written as digits, one token each for
+1..9, so scores are given for up to 9 candidates (None beyond, and when the output has no `<answer>[`).
+"""
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from mmr5.model import Qwen2VL
+from mmr5.processor import Processor
+from mmr5.rewards import parse_order
+from mmr5.sampler import generate
+
+ANSWER_OPEN = "<answer>["
+
+
+@dataclass
+class RerankResult:
+    order: list[int]  # 0-based candidate indices, most relevant first (as the release's QueryReranker returns)
+    text: str  # the full output, reasoning included
+    parsed: bool  # False: no readable <answer>[...]</answer>, `order` is the retriever's order
+    scores: list[float] | None  # P(candidate i is ranked first) in input order, or None (see module docstring)
+
+
+def default_device_dtype(device=None, dtype=None) -> tuple[str, torch.dtype]:
+    """CUDA in bfloat16 when there is a GPU (as the release runs), else CPU in float32."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None:
+        cuda = str(device).startswith("cuda")
+        dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    return device, dtype
+
+
+class Reranker:
+    def __init__(self, model: Qwen2VL, processor: Processor, batch_size: int = 4):
+        self.model, self.processor, self.batch_size = model.eval(), processor, batch_size
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None, min_pixels=None, max_pixels=None, batch_size: int = 4):
+        device, dtype = default_device_dtype(device, dtype)
+        return cls(Qwen2VL.from_pretrained(path, dtype=dtype, device=device),
+                   Processor.from_pretrained(path, min_pixels=min_pixels, max_pixels=max_pixels), batch_size)
+
+    def rerank(self, query: str, images, temperature: float = 0.0, max_new_tokens: int = 1024,
+               scores: bool = True) -> RerankResult:
+        """Rank `images` (paths or PIL images) by relevance to `query`."""
+        return self.rerank_batch([query], [images], temperature, max_new_tokens, scores=scores)[0]
+
+    def rerank_batch(self, queries: list[str], images_lists: list, temperature: float = 0.0,
+                     max_new_tokens: int = 1024, scores: bool = True, generator: torch.Generator | None = None,
+                     progress: bool = False) -> list[RerankResult]:
+        """Rank many queries' candidates, `batch_size` queries per generate call."""
+        if len(queries) != len(images_lists):
+            raise ValueError(f"{len(queries)} queries but {len(images_lists)} image lists")
+        results = []
+        starts = range(0, len(queries), self.batch_size)
+        for s in tqdm(starts, desc="rerank", unit="batch", disable=not progress):
+            qs, ims = queries[s:s + self.batch_size], images_lists[s:s + self.batch_size]
+            batch = self.processor.rerank_inputs(qs, ims)
+            rollout = generate(self.model, self.processor, batch, max_new_tokens=max_new_tokens, temperature=temperature,
+                               generator=generator)
+            first = self.first_id_scores(batch, rollout.texts, [len(i) for i in ims]) if scores else [None] * len(qs)
+            for text, images, sc in zip(rollout.texts, ims, first):
+                order, parsed = parse_order(text, len(images))
+                results.append(RerankResult(order, text, parsed, sc))
+        return results
+
+    @torch.no_grad()
+    def first_id_scores(self, batch: dict, texts: list[str], counts: list[int]) -> list[list[float] | None]:
+        """P(first listed id = i) for i in 1..n, read right after `<answer>[` in one forward over the batch."""
+        proc = self.processor
+        digit_ids = [proc.encode(str(i)) for i in range(1, 10)]
+        prefixes = [text[: text.find(ANSWER_OPEN) + len(ANSWER_OPEN)] if ANSWER_OPEN in text else None for text in texts]
+        if all(p is None for p in prefixes) or any(len(d) != 1 for d in digit_ids):
+            return [None] * len(texts)
+        suffixes = [proc.encode(p or "") for p in prefixes]
+        width = max(map(len, suffixes))
+        B, L = batch["input_ids"].shape
+        # Each row: its unpadded prompt + its prefix, left padded again so all rows end on the last column.
+        ids = torch.full((B, L + width), proc.pad_id, dtype=torch.long)
+        mask = torch.zeros(B, L + width, dtype=torch.long)
+        for b, suffix in enumerate(suffixes):
+            row = torch.cat([batch["input_ids"][b][batch["attention_mask"][b].bool()], torch.tensor(suffix, dtype=torch.long)])
+            ids[b, -len(row):], mask[b, -len(row):] = row, 1
+        device = self.model.device
+        logits = self.model(ids.to(device), mask.to(device), batch["pixel_values"].to(device),
+                            batch["image_grid_thw"], logits_to_keep=1).logits[:, -1].float()
+        digit_logits = logits[:, [d[0] for d in digit_ids]].cpu()
+        out = []
+        for b, n in enumerate(counts):
+            if prefixes[b] is None or n > 9:
+                out.append(None)
+            else:
+                out.append(digit_logits[b, :n].softmax(-1).tolist())
+        return out
