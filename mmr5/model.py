@@ -587,9 +587,8 @@ class Qwen2VL(nn.Module):
                 raise ValueError("decoding with a cache needs position_ids (prompt max position + 1 + step)")
             mask_for_pos = attention_mask[:, -T:] if attention_mask is not None else None
             position_ids, _ = self.rope_positions(input_ids, mask_for_pos, image_grid_thw)
-        padded = attention_mask is not None and not bool(attention_mask.all())
-        if cache is None and not padded:
-            mask = None
+        if cache is None and (attention_mask is None or bool(attention_mask.all())):
+            mask = None  # no padding, no cache: SDPA's own causal path
         else:
             keys = attention_mask if attention_mask is not None else torch.ones(B, T + (cache.seen if cache else 0),
                                                                                 dtype=torch.bool, device=x.device)
