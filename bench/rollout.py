@@ -25,8 +25,10 @@ def main():
     args = p.parse_args()
     setup_threads()
     dtype = getattr(torch, args.dtype)
-    # generate() needs only these from a processor: the ids of pad / stop tokens and a decoder.
-    proc = SimpleNamespace(pad_id=0, im_end_id=-1, endoftext_id=-1, decode=lambda ids: "")
+    # generate() needs only these from a processor: special token ids and a decoder.
+    proc = SimpleNamespace(pad_id=0, im_end_id=-1, endoftext_id=-1, decode=lambda ids: "",
+                           image_pad_id=SPECIAL["image_token_id"], vision_start_id=SPECIAL["vision_start_token_id"],
+                           vision_end_id=SPECIAL["vision_end_token_id"])
     print(f"device {args.device}, dtype {args.dtype}, threads {torch.get_num_threads()}, {NEW} new tokens")
     print(f"{'size':<6} {'case':<12} {'HF tok/s':>9} {'mmr5 tok/s':>11} {'mmr5/HF':>8}")
     for size in args.sizes:

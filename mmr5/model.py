@@ -559,29 +559,35 @@ class Qwen2VL(nn.Module):
         return rope_positions(input_ids, image_grid_thw, attention_mask, self.config.image_token_id,
                               self.config.vision.spatial_merge_size)
 
-    def embed(self, input_ids, pixel_values=None, image_grid_thw=None) -> torch.Tensor:
-        """Token embeddings with each `<|image_pad|>` replaced by its merged vision feature."""
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, image_features=None) -> torch.Tensor:
+        """Token embeddings with each `<|image_pad|>` replaced by its merged vision feature.
+
+        `image_features` (the vision tower's output, [image tokens, hidden]) may be given instead of pixel_values:
+        PPO encodes a rollout's pages once and reuses them for every forward over its responses.
+        """
         x = self.model.embed_tokens(input_ids)
-        if pixel_values is None:
+        if image_features is None and pixel_values is not None:
+            if image_grid_thw is None:
+                raise ValueError("pixel_values given without image_grid_thw")
+            image_features = self.visual(pixel_values, image_grid_thw.cpu())
+        if image_features is None:
             return x
-        if image_grid_thw is None:
-            raise ValueError("pixel_values given without image_grid_thw")
-        image = self.visual(pixel_values, image_grid_thw.cpu())
         slots = input_ids == self.config.image_token_id
         n = int(slots.sum())
-        if n != image.shape[0]:
-            raise ValueError(f"the prompts hold {n} <|image_pad|> tokens but the images give {image.shape[0]} features")
-        return x.masked_scatter(slots[..., None], image.to(x.dtype))
+        if n != image_features.shape[0]:
+            raise ValueError(f"the prompts hold {n} <|image_pad|> tokens but the images give {image_features.shape[0]} features")
+        return x.masked_scatter(slots[..., None], image_features.to(x.dtype))
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                position_ids=None, cache: KVCache | None = None, logits_to_keep: int | None = 0) -> Output:
+                position_ids=None, cache: KVCache | None = None, logits_to_keep: int | None = 0,
+                image_features=None) -> Output:
         """Logits (all positions, the last `logits_to_keep`, or none when None) and final hidden states.
 
         With a cache, `attention_mask` covers every position so far (cached + new), as in HF, and `position_ids`
         must be given for decoding steps (prefill + offset; see `rope_positions`).
         """
         B, T = input_ids.shape
-        x = self.embed(input_ids, pixel_values, image_grid_thw)
+        x = self.embed(input_ids, pixel_values, image_grid_thw, image_features)
         if position_ids is None:
             if cache is not None and cache.seen > 0:
                 raise ValueError("decoding with a cache needs position_ids (prompt max position + 1 + step)")

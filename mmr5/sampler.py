@@ -41,13 +41,18 @@ def sampling_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p:
     return logits
 
 
-def pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator) -> tuple[torch.Tensor, ...]:
-    """Next token per row from float32 logits [R, V] -> (token, sampling log-prob, model log-prob)."""
+def pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator,
+         banned: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Next token per row from float32 logits [R, V] -> (token, sampling log-prob, model log-prob).
+
+    `banned` ids are never picked: vision placeholders, which mean "an image goes here" and have none behind them.
+    """
     model_logp = logits.log_softmax(-1)
+    allowed = logits.index_fill(-1, banned, float("-inf"))
     if temperature == 0:
-        token = logits.argmax(-1)
+        token = allowed.argmax(-1)
         return token, torch.zeros_like(token, dtype=torch.float32), model_logp.gather(-1, token[:, None])[:, 0]
-    logp = sampling_logits(logits, temperature, top_k, top_p).log_softmax(-1)
+    logp = sampling_logits(allowed, temperature, top_k, top_p).log_softmax(-1)
     token = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]
     return token, logp.gather(-1, token[:, None])[:, 0], model_logp.gather(-1, token[:, None])[:, 0]
 
@@ -56,9 +61,10 @@ def pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gen
 def generate(model: Qwen2VL, processor, batch: dict, max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, n: int = 1, stop_ids=None, generator: torch.Generator | None = None,
              check_every: int = 8, compile: bool = False) -> Rollout:
-    """Sample `n` responses per prompt of a left-padded `batch` (as `Processor.rerank_inputs` builds it).
+    """Sample `n` responses per prompt of a left-padded `batch` (as `Processor.rerank_inputs` builds it; an
+    `image_features` entry, the vision tower's output, is used instead of running it on `pixel_values`).
 
-    Greedy when temperature == 0. `stop_ids` defaults to `<|im_end|>` and `<|endoftext|>` ([] never stops). The generator (on the
+    Vision placeholder tokens are never generated (HF's generate may emit them). Greedy when temperature == 0. `stop_ids` defaults to `<|im_end|>` and `<|endoftext|>` ([] never stops). The generator (on the
     model's device) makes sampling reproducible. `compile=True` wraps the decode step in torch.compile (for GPUs).
     """
     if max_new_tokens < 1 or n < 1:
@@ -68,6 +74,8 @@ def generate(model: Qwen2VL, processor, batch: dict, max_new_tokens: int, temper
     device, dtype = model.device, model.dtype
     stop_ids = (processor.im_end_id, processor.endoftext_id) if stop_ids is None else stop_ids
     stop_ids = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    # A generated <|image_pad|> would be taken for an image slot by any later forward over the text (PPO's).
+    banned = torch.tensor([processor.image_pad_id, processor.vision_start_id, processor.vision_end_id], device=device)
     input_ids = batch["input_ids"].to(device)
     attention_mask = batch["attention_mask"].to(device)
     pixel_values, grid = batch.get("pixel_values"), batch.get("image_grid_thw")
@@ -79,7 +87,7 @@ def generate(model: Qwen2VL, processor, batch: dict, max_new_tokens: int, temper
     positions, deltas = model.rope_positions(input_ids, attention_mask, grid)
     cache = KVCache(model.config.text, B, L + max_new_tokens, dtype, device)
     logits = model(input_ids, attention_mask, pixel_values, grid, position_ids=positions, cache=cache,
-                   logits_to_keep=1).logits[:, -1].float()
+                   logits_to_keep=1, image_features=batch.get("image_features")).logits[:, -1].float()
     next_position = attention_mask.sum(1) + deltas  # position of the first generated token, per row
     if n > 1:  # group sampling: copy the prompt's cache n ways instead of recomputing it
         cache = cache.repeat_interleave(n)
@@ -97,7 +105,7 @@ def generate(model: Qwen2VL, processor, batch: dict, max_new_tokens: int, temper
     step_fn = torch.compile(model, dynamic=True) if compile else model
 
     for step in range(max_new_tokens):
-        token, logp, model_logp = pick(logits, temperature, top_k, top_p, generator)
+        token, logp, model_logp = pick(logits, temperature, top_k, top_p, generator, banned)
         done = finished[rows]
         tokens[rows, step] = torch.where(done, processor.pad_id, token)
         mask[rows, step] = ~done

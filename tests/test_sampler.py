@@ -49,15 +49,19 @@ def test_greedy_matches_hf_generate(tiny_model_dirs, version):
     assert ours.lengths.max() >= 32
 
 
-def full_forward_logprobs(model, batch, rollout):
-    """log-softmax of one forward over prompt + response, read at the generated tokens."""
+def full_forward_logprobs(model, proc, batch, rollout):
+    """log-softmax of one forward over prompt + response, read at the generated tokens: under the model's
+    distribution, and under it with the vision placeholders (never sampled) removed."""
     ids = torch.cat([batch["input_ids"], rollout.tokens], 1)
     mask = torch.cat([batch["attention_mask"], rollout.mask.long()], 1)
     with torch.no_grad():
         logits = model(ids, mask, batch["pixel_values"], batch["image_grid_thw"]).logits.float()
     L = batch["input_ids"].shape[1]
-    logp = logits[:, L - 1:-1].log_softmax(-1)
-    return logp.gather(-1, rollout.tokens[..., None])[..., 0]
+    logits = logits[:, L - 1:-1]
+    allowed = logits.index_fill(-1, torch.tensor([proc.image_pad_id, proc.vision_start_id, proc.vision_end_id]),
+                                float("-inf"))
+    read = lambda x: x.log_softmax(-1).gather(-1, rollout.tokens[..., None])[..., 0]  # noqa: E731
+    return read(logits), read(allowed)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
@@ -66,11 +70,12 @@ def test_logprobs_equal_a_fresh_forward(tiny_model_dirs, temperature):
     batch = rerank_batch(proc)
     rollout = generate(model, proc, batch, max_new_tokens=24, temperature=temperature,
                        generator=torch.Generator().manual_seed(0))
-    expected = full_forward_logprobs(model, batch, rollout)
+    expected, expected_sampling = full_forward_logprobs(model, proc, batch, rollout)
     m = rollout.mask
     assert (expected[m] - rollout.model_logprobs[m]).abs().max() <= 1e-4
-    if temperature == 1.0:  # plain sampling: the sampling distribution is the model's
-        assert (rollout.logprobs[m] - rollout.model_logprobs[m]).abs().max() <= 1e-5
+    if temperature == 1.0:  # plain sampling: the model's distribution without the banned placeholders
+        assert (rollout.logprobs[m] - expected_sampling[m]).abs().max() <= 1e-4
+        assert (rollout.logprobs[m] > rollout.model_logprobs[m]).all()  # renormalised over fewer tokens
     else:
         assert rollout.logprobs.abs().max() == 0
 
@@ -93,7 +98,9 @@ def test_first_token_frequencies_follow_the_model(tiny_model_dirs):
     model, proc = load(tiny_model_dirs["qwen2_vl"])
     batch = rerank_batch(proc, counts=[1], queries=QUERIES[:1])
     with torch.no_grad():
-        probs = model(**{k: v for k, v in batch.items() if k != "prompt_lengths"}).logits[0, -1].div(0.3).softmax(-1)
+        logits = model(**{k: v for k, v in batch.items() if k != "prompt_lengths"}).logits[0, -1]
+    banned = torch.tensor([proc.image_pad_id, proc.vision_start_id, proc.vision_end_id])
+    probs = logits.index_fill(-1, banned, float("-inf")).div(0.3).softmax(-1)
     rollout = generate(model, proc, batch, max_new_tokens=1, n=2000, temperature=0.3,
                        generator=torch.Generator().manual_seed(0))
     freq = torch.bincount(rollout.tokens[:, 0], minlength=probs.numel()).float() / 2000

@@ -1,0 +1,117 @@
+"""Training checkpoints: all a run needs to continue exactly, as safetensors + JSON (never pickle).
+
+Used by train_sft.py and train_ppo.py. A checkpoint is a folder `checkpoints/step-000120/` holding
+`weights.safetensors` (the trained tensors: adapters with LoRA, else the whole model), `optimizer.safetensors`,
+`rng.safetensors` and `state.json` (step, data position, schedule, optimizer hyper-parameters, metrics...).
+Folders are written under a temporary name and renamed when complete; then `checkpoints/latest` (one line, replaced
+atomically) is pointed at the new one and older folders are deleted. A kill at any moment leaves `latest` naming a
+complete checkpoint.
+"""
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from mmr5.weights import atomic_directory
+
+FILES = ("weights.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """torch (CPU and CUDA), Python and NumPy generator states, split into tensors and JSON."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    version, state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["numpy"] = torch.from_numpy(keys.astype(np.int64))
+    return tensors, {"python": [version, list(state), gauss], "numpy": [kind, pos, has_gauss, cached]}
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict):
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, state, gauss = meta["python"]
+    random.setstate((version, tuple(state), gauss))
+    kind, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """A torch optimizer's state_dict as flat tensors ("<param index>.<name>") plus its JSON-able rest."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, state in sd["state"].items():
+        for name, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict):
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    for key, value in meta["scalars"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(out_dir, step: int, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                    state: dict, keep: int = 1) -> Path:
+    """Write checkpoints/step-{step}/ completely, point `latest` at it, then delete all but the newest `keep`."""
+    root = Path(out_dir) / "checkpoints"
+    name = f"step-{step:06d}"
+    opt_tensors, opt_meta = optimizer_tensors(optimizer)
+    rng_tensors, rng_meta = rng_state()
+    with atomic_directory(root / name) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / "weights.safetensors")
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        save_file(rng_tensors, tmp / "rng.safetensors")
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "optimizer": opt_meta, "rng": rng_meta}))
+    pointer = root / "latest.tmp"
+    pointer.write_text(name + "\n")
+    with open(pointer) as f:
+        os.fsync(f.fileno())
+    os.replace(pointer, root / "latest")
+    stale = [p for p in sorted(root.glob("step-*")) if p.name != name]  # zero-padded names sort by step
+    for old in stale[: max(0, len(stale) - (keep - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+    return root / name
+
+
+def latest_checkpoint(out_dir) -> Path | None:
+    """The checkpoint `latest` names, or None when the run has none yet."""
+    pointer = Path(out_dir) / "checkpoints" / "latest"
+    if not pointer.exists():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    if not path.is_dir():
+        raise ValueError(f"{pointer} names {path.name}, which does not exist; the checkpoint folder was altered")
+    return path
+
+
+def load_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """(weights, optimizer tensors, rng tensors, state) of a checkpoint folder, with one clear error if broken."""
+    path = Path(path)
+    missing = [f for f in FILES if not (path / f).exists()]
+    if missing:
+        raise ValueError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+    try:
+        state = json.loads((path / "state.json").read_text())
+        tensors = [load_file(path / f) for f in FILES[:3]]
+    except (json.JSONDecodeError, SafetensorError, OSError) as e:
+        raise ValueError(f"checkpoint {path} is corrupt ({e}); delete it to start over") from None
+    return tensors[0], tensors[1], tensors[2], state
