@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 from mmr5.model import Qwen2VL
 from mmr5.processor import Processor
-from mmr5.rewards import parse_order
+from mmr5.metrics import recall_at_k
+from mmr5.rewards import fused_reward, parse_order
 from mmr5.sampler import generate
 
 ANSWER_OPEN = "<answer>["
@@ -101,3 +102,20 @@ class Reranker:
             else:
                 out.append(digit_logits[b, :n].softmax(-1).tolist())
         return out
+
+    def evaluate(self, samples, max_new_tokens: int = 1024, temperature: float = 0.0, ks=(1, 3, 5),
+                 generator: torch.Generator | None = None, progress: bool = False) -> list[dict]:
+        """Rerank `mmr5.data.Sample`s and score each: recall@k (MMDocIR), the retriever's recall@k, rewards."""
+        results = self.rerank_batch([s.query for s in samples], [s.images for s in samples], temperature,
+                                    max_new_tokens, generator=generator, progress=progress)
+        records = []
+        for s, r in zip(samples, results):
+            rec = {"id": s.id, "domain": s.domain, "query": s.query, "order": r.order, "parsed": r.parsed,
+                   "text": r.text, "scores": r.scores, "positives": s.positives, "num_relevant": s.num_relevant}
+            for k in ks:
+                rec[f"recall@{k}"] = recall_at_k(r.order, s.positives, k, s.num_relevant)
+                rec[f"retriever_recall@{k}"] = recall_at_k(list(range(len(s.images))), s.positives, k, s.num_relevant)
+            rec.update({f"reward_{k}" if k != "reward" else k: v
+                        for k, v in fused_reward(r.text, s.positives, len(s.images)).items()})
+            records.append(rec)
+        return records
