@@ -1,4 +1,4 @@
-"""Training checkpoints: all a run needs to continue exactly, as safetensors + JSON (never pickle).
+"""Training checkpoints: all a run needs to continue exactly, as safetensors + JSON (never pickle); Ctrl-C.
 
 Used by train_sft.py and train_ppo.py. A checkpoint is a folder `checkpoints/step-000120/` holding
 `weights.safetensors` (the trained tensors: adapters with LoRA, else the whole model), `optimizer.safetensors`,
@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +116,40 @@ def load_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tens
     except (json.JSONDecodeError, SafetensorError, OSError) as e:
         raise ValueError(f"checkpoint {path} is corrupt ({e}); delete it to start over") from None
     return tensors[0], tensors[1], tensors[2], state
+
+
+class StopFlag:
+    """First Ctrl-C (or SIGTERM): the loop finishes its step, saves a checkpoint and exits. Second: stop at once."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGINT, self.handle)
+        signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (Ctrl-C again to stop now, without saving)", flush=True)
+
+
+def append_metrics(out_dir, record: dict):
+    """One JSON line in out_dir/metrics.jsonl (what curve.png and a resumed run's history are drawn from)."""
+    with open(Path(out_dir) / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def rewind_metrics(out_dir, step: int):
+    """Drop metrics.jsonl records after `step`: a resumed run redoes those steps and logs them again."""
+    path = Path(out_dir) / "metrics.jsonl"
+    if path.exists():
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line + "\n")
+            except json.JSONDecodeError:
+                pass  # a line cut by a kill
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)

@@ -1,0 +1,333 @@
+"""PPO (with a critic) or GRPO fine-tuning of an MM-R5 reranker on the fused reward: rerank + format (+ think).
+
+With no arguments: continues the built-in demo from its SFT model (runs/demo/sft/model; trains it first if missing)
+and reports held-out rewards before -> after. With --model/--train/--eval/--out: your SFT output and data.
+Each step: sample `--samples` responses per prompt, score them (mmr5.rewards), then mmr5.ppo's make_experience
+(old / reference log-probs, values, GAE) and ppo_update (clipped policy + value losses). A run in --out resumes from
+its last checkpoint; Ctrl-C saves one before exiting.
+"""
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mmr5.checkpoint import (StopFlag, append_metrics, latest_checkpoint, load_checkpoint, load_optimizer,
+                             rewind_metrics, save_checkpoint, set_rng_state)
+from mmr5.data import DataError, read_samples
+from mmr5.lora import add_lora, load_lora_state_dict, lora_state_dict, merge_lora
+from mmr5.model import Qwen2VL
+from mmr5.plots import plot_curves, read_metrics
+from mmr5.ppo import AdaptiveKL, PPOConfig, ValueHead, encode_pages, explained_variance, make_experience, ppo_update
+from mmr5.processor import Processor
+from mmr5.reranker import Reranker
+from mmr5.rewards import fused_reward
+from mmr5.sampler import generate
+from mmr5.sft import sample_order
+
+DEMO = dict(out="runs/demo/ppo", steps=60, prompts_per_step=8, samples=4, lr=2e-4, max_new_tokens=96,
+            eval_every=20, eval_max_new_tokens=96, save_every=10, minibatch_size=16, micro_batch_size=16)
+DEMO_SFT = "runs/demo/sft"
+RUN_IDENTITY = ("model", "train", "prompts_per_step", "samples", "lora_rank", "lora_alpha", "lora_targets", "critic",
+                "advantage", "seed")
+CURVES = ["reward", "rerank", "format", "kl", "value_loss", "explained_variance", "eval_rerank", "eval_recall@1"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    io = p.add_argument_group("inputs and outputs (all four unset: the built-in demo)")
+    io.add_argument("--model", help="local HF-layout checkpoint to start from (an SFT output)")
+    io.add_argument("--train", help="training JSONL (mmr5 format; no `response` needed)")
+    io.add_argument("--eval", help="held-out JSONL: rewards and Recall@1 before, during and after")
+    io.add_argument("--out", help="output folder: checkpoints/, metrics.jsonl, curve.png, model/ (the final policy)")
+    r = p.add_argument_group("rollouts and rewards")
+    r.add_argument("--steps", type=int, default=100, help="PPO steps (rollout + update)")
+    r.add_argument("--prompts-per-step", type=int, default=8, help="queries per rollout")
+    r.add_argument("--samples", type=int, default=4, help="responses per query (the release: 4)")
+    r.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (the release: 1.0)")
+    r.add_argument("--max-new-tokens", type=int, default=1024, help="response budget (the release: 2048)")
+    r.add_argument("--w-rerank", type=float, default=1.0, help="weight of the rerank reward")
+    r.add_argument("--w-format", type=float, default=1.0, help="weight of the format reward")
+    r.add_argument("--w-think", type=float, default=0.0, help="weight of the think reward (our extension)")
+    a = p.add_argument_group("algorithm")
+    a.add_argument("--advantage", choices=["gae", "grpo"], default="gae", help="PPO with a critic, or the release's GRPO")
+    a.add_argument("--critic", choices=["shared", "separate"], default="shared",
+                   help="value head on the policy's trunk, or on a separate copy of the model")
+    a.add_argument("--kl-coef", type=float, default=0.05, help="beta: weight of KL(policy || reference)")
+    a.add_argument("--kl-in", choices=["reward", "loss"], help="k1 per token in the reward, or k3 in the loss "
+                   "(default: reward for gae, loss for grpo)")
+    a.add_argument("--target-kl", type=float, help="adapt beta toward this KL per sequence (default: fixed beta)")
+    a.add_argument("--kl-horizon", type=int, default=10000, help="horizon of the adaptive KL controller")
+    a.add_argument("--gamma", type=float, default=1.0, help="GAE discount")
+    a.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
+    a.add_argument("--clip", type=float, default=0.2, help="policy ratio clip")
+    a.add_argument("--value-clip", type=float, default=0.2, help="value prediction clip")
+    a.add_argument("--vf-coef", type=float, default=0.5, help="value loss weight")
+    a.add_argument("--entropy-coef", type=float, default=0.0, help="entropy bonus weight")
+    a.add_argument("--epochs", type=int, default=2, help="passes over each rollout (the release: 2)")
+    a.add_argument("--minibatch-size", type=int, default=8, help="rollout rows per optimizer step")
+    a.add_argument("--micro-batch-size", type=int, default=4, help="rows per forward (gradient accumulation)")
+    a.add_argument("--critic-warmup", type=int, default=0, help="first N steps train only the critic")
+    a.add_argument("--reward-clip", type=float, default=10.0, help="clip sequence scores to +-this")
+    a.add_argument("--max-bad-steps", type=int, default=3, help="stop after this many non-finite updates in a row")
+    t = p.add_argument_group("optimisation and model")
+    t.add_argument("--lr", type=float, default=1e-5, help="learning rate (the release: 1e-5 with LoRA r64)")
+    t.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0 = off)")
+    t.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (0 = full fine-tuning with a frozen copy as "
+                   "reference; the release: 64); with LoRA the reference is the model with adapters off")
+    t.add_argument("--lora-alpha", type=float, default=128, help="LoRA alpha (the release: 128)")
+    t.add_argument("--lora-targets", default="all-linear", help="'all-linear' or suffixes like 'q_proj,v_proj'")
+    t.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+    t.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    t.add_argument("--bf16", choices=["auto", "on", "off"], default="auto", help="bf16 autocast (auto: on for CUDA)")
+    t.add_argument("--min-pixels", type=int, help="override the checkpoint's preprocessor min_pixels")
+    t.add_argument("--max-pixels", type=int, help="override the checkpoint's preprocessor max_pixels")
+    t.add_argument("--seed", type=int, default=0, help="seed for data order and sampling")
+    e = p.add_argument_group("evaluation, checkpoints, logging")
+    e.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0 = before and after only)")
+    e.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N eval samples (0 = all)")
+    e.add_argument("--eval-max-new-tokens", type=int, default=1024, help="generation budget per eval answer")
+    e.add_argument("--save-every", type=int, default=20, help="checkpoint every N steps (and at the end, and on Ctrl-C)")
+    e.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
+    args = p.parse_args(argv)
+    demo = not any((args.model, args.train, args.eval, args.out))
+    if demo:
+        for k, v in DEMO.items():
+            if getattr(args, k) == p.get_default(k):
+                setattr(args, k, v)
+    elif not (args.model and args.train and args.out):
+        p.error("--model, --train and --out are required unless all of --model/--train/--eval/--out are unset (demo)")
+    for name in ("steps", "prompts_per_step", "samples", "max_new_tokens", "epochs", "minibatch_size",
+                 "micro_batch_size", "save_every", "max_bad_steps"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.lr <= 0 or args.temperature < 0 or args.kl_coef < 0 or args.clip <= 0:
+        p.error("--lr and --clip must be positive, --temperature and --kl-coef non-negative")
+    if args.advantage == "grpo" and args.samples < 2:
+        p.error("--advantage grpo compares samples of one prompt: --samples must be >= 2")
+    if args.min_pixels and args.max_pixels and args.max_pixels < args.min_pixels:
+        p.error(f"--max-pixels ({args.max_pixels}) is smaller than --min-pixels ({args.min_pixels})")
+    args.kl_in = args.kl_in or ("reward" if args.advantage == "gae" else "loss")
+    return args, demo
+
+
+def demo_inputs(args):
+    """The built-in demo continues from the built-in SFT model, training it first when it is missing."""
+    import train_sft
+
+    if not (Path(DEMO_SFT) / "model" / "config.json").exists():
+        print(f"no built-in SFT model in {DEMO_SFT}/model yet: running train_sft.py's built-in default first")
+        train_sft.main([])
+    from mmr5.synthetic import build_demo
+
+    paths = build_demo()
+    args.model, args.train, args.eval = str(Path(DEMO_SFT) / "model"), paths["train"], paths["eval"]
+
+
+def main(argv=None):
+    args, demo = parse_args(argv)
+    if demo:
+        demo_inputs(args)
+    out = Path(args.out)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    bf16 = args.bf16 == "on" or (args.bf16 == "auto" and device.startswith("cuda"))
+    torch.manual_seed(args.seed)
+    try:
+        train = read_samples(args.train)
+        evals = read_samples(args.eval) if args.eval else []
+    except (DataError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    train = [s for s in train if s.positives]  # no relevant page among the candidates: no rerank signal
+    evals = evals[: args.eval_limit] if args.eval_limit else evals
+    if not train:
+        sys.exit(f"error: {args.train} has no sample with a positive among its candidates")
+
+    try:
+        dtype = torch.bfloat16 if bf16 and args.lora_rank > 0 else torch.float32
+        policy = Qwen2VL.from_pretrained(args.model, dtype=dtype, device=device)
+        processor = Processor.from_pretrained(args.model, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    policy.visual.requires_grad_(False)  # frozen (as the release): rollout pages are encoded once and reused
+    reference = None  # LoRA: the policy with adapters off
+    if args.lora_rank > 0:
+        add_lora(policy, args.lora_rank, args.lora_alpha, args.lora_targets)
+    else:
+        reference = copy.deepcopy(policy).requires_grad_(False).eval()
+    critic = None
+    if args.advantage == "gae" and args.critic == "separate":
+        critic = Qwen2VL.from_pretrained(args.model, dtype=dtype, device=device)
+        critic.visual.requires_grad_(False)
+        if args.lora_rank > 0:
+            add_lora(critic, args.lora_rank, args.lora_alpha, args.lora_targets)
+    value_head = ValueHead(policy.config.text.hidden_size).to(device) if args.advantage == "gae" else None
+    for m in (policy, critic):
+        if m is not None:
+            m.set_gradient_checkpointing(args.grad_checkpointing)
+    modules = {"policy": policy, "critic": critic, "value_head": value_head}
+    params = [p for m in modules.values() if m is not None for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    cfg = PPOConfig(advantage=args.advantage, gamma=args.gamma, lam=args.lam, clip=args.clip,
+                    value_clip=args.value_clip, vf_coef=args.vf_coef, entropy_coef=args.entropy_coef,
+                    kl_coef=args.kl_coef, kl_in=args.kl_in, target_kl=args.target_kl, kl_horizon=args.kl_horizon,
+                    epochs=args.epochs, minibatch_size=args.minibatch_size, micro_batch_size=args.micro_batch_size,
+                    reward_clip=args.reward_clip, grad_clip=args.grad_clip)
+    kl_ctl = AdaptiveKL(args.kl_coef, args.target_kl, args.kl_horizon)
+
+    def trained() -> dict:
+        """Every trained tensor, prefixed by its module: adapters under LoRA, whole models otherwise."""
+        out = {}
+        for name, m in modules.items():
+            if m is None:
+                continue
+            if name != "value_head" and args.lora_rank > 0:
+                sd = lora_state_dict(m)
+            else:
+                sd = m.state_dict()
+                if name != "value_head" and m.config.tie_word_embeddings:
+                    sd.pop("lm_head.weight")
+            out.update({f"{name}.{k}": v for k, v in sd.items()})
+        return out
+
+    step, state = 0, {"eval_before": None, "bad_steps": 0}
+    try:
+        ckpt = None if args.no_resume else latest_checkpoint(out)
+        if ckpt is not None:
+            weights, opt_tensors, rng, state = load_checkpoint(ckpt)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    if ckpt is not None:
+        changed = [k for k in RUN_IDENTITY if state["args"].get(k) != vars(args).get(k)]
+        if changed:
+            sys.exit(f"error: {out} holds a run with different {', '.join('--' + k.replace('_', '-') for k in changed)};"
+                     " use another --out or --no-resume")
+        for name, m in modules.items():
+            if m is None:
+                continue
+            sd = {k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")}
+            if name != "value_head" and args.lora_rank > 0:
+                load_lora_state_dict(m, sd)
+            else:
+                m.load_state_dict(sd, strict=False)
+        load_optimizer(optimizer, opt_tensors, state["optimizer"])
+        set_rng_state(rng, state["rng"])
+        kl_ctl.value = state["kl_coef"]
+        step = state["step"]
+        if step >= args.steps and (out / "summary.json").exists():
+            print(f"{out} already holds a finished run; --no-resume starts it over")
+            return
+        rewind_metrics(out, step)
+        print(f"resuming {out} from step {step}/{args.steps}")
+    elif (out / "metrics.jsonl").exists():
+        (out / "metrics.jsonl").unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    n_trained = sum(p.numel() for p in params)
+    print(f"policy {args.model}: {policy.num_parameters() / 1e6:.2f}M parameters, {n_trained / 1e6:.2f}M trained "
+          f"({'LoRA r%d' % args.lora_rank if args.lora_rank else 'full'}); {args.advantage}"
+          f"{' + ' + args.critic + ' critic' if value_head is not None else ''}; {len(train)} train / {len(evals)} eval;"
+          f" {args.steps} steps x {args.prompts_per_step} prompts x {args.samples} samples; {device}{' bf16' if bf16 else ''}")
+
+    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16)
+    reranker = Reranker(policy, processor, batch_size=16)
+
+    def evaluate() -> dict:
+        policy.eval()
+        with autocast:
+            records = reranker.evaluate(evals, max_new_tokens=args.eval_max_new_tokens)
+        mean = lambda key: sum(r[key] for r in records) / len(records)  # noqa: E731
+        return {"eval_rerank": mean("reward_rerank"), "eval_format": mean("reward_format"),
+                "eval_recall@1": mean("recall@1"), "eval_parsed": mean("parsed")}
+
+    if evals and state.get("eval_before") is None:
+        print(f"evaluating the starting policy on {len(evals)} held-out samples ...")
+        state["eval_before"] = evaluate()
+        append_metrics(out, {"step": 0, **state["eval_before"]})
+        print("before: " + ", ".join(f"{k} {v:.3f}" for k, v in state["eval_before"].items()))
+
+    def save(step):
+        save_checkpoint(out, step, trained(), optimizer, {"args": vars(args), "eval_before": state["eval_before"],
+                                                          "kl_coef": kl_ctl.value, "bad_steps": state["bad_steps"]})
+
+    stop = StopFlag()
+    bar = tqdm(total=args.steps, initial=step, desc="ppo", unit="step", dynamic_ncols=True)
+    while step < args.steps and not stop.requested:
+        t0 = time.time()
+        # 1. Rollout: n samples per prompt from the current policy (pages encoded once, shared by every forward).
+        samples = [train[i] for i in sample_order(len(train), args.prompts_per_step, step, args.seed)]
+        batch = processor.rerank_inputs([s.query for s in samples], [s.images for s in samples])
+        policy.eval()
+        gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step)
+        with autocast:
+            pages = encode_pages(policy, batch)
+            batch["image_features"] = torch.cat(pages[0])
+            rollout = generate(policy, processor, batch, args.max_new_tokens, temperature=args.temperature,
+                               n=args.samples, generator=gen)
+        t_rollout = time.time() - t0
+        # 2. Rewards: the fused reward of each response (row i answers prompt i // samples).
+        parts = [fused_reward(text, samples[i // args.samples].positives, len(samples[i // args.samples].images),
+                              args.w_rerank, args.w_format, args.w_think) for i, text in enumerate(rollout.texts)]
+        scores = torch.tensor([p["reward"] for p in parts])
+        # 3. Old and reference log-probs, values, advantages; 4. the clipped updates.
+        with autocast:
+            exp = make_experience(policy, batch, pages, rollout, scores, args.samples, cfg, kl_ctl.value,
+                                  value_head, critic, reference)
+            policy.train()
+            stats = ppo_update(policy, exp, optimizer, params, cfg, kl_ctl.value, value_head, critic,
+                               value_only=step < args.critic_warmup,
+                               generator=torch.Generator().manual_seed(args.seed * 7919 + step))
+        m = exp.mask.float()
+        kl = ((exp.old_logp - exp.ref_logp) * m).sum(1).mean().item()  # KL(policy || reference) per sequence
+        kl_ctl.update(kl, args.prompts_per_step * args.samples)
+        n_minibatches = args.epochs * -(-len(scores) // args.minibatch_size)
+        state["bad_steps"] = state["bad_steps"] + 1 if stats["skipped"] == n_minibatches else 0
+        step += 1
+        record = {"step": step, "reward": scores.mean().item(),
+                  **{k: sum(p[k] for p in parts) / len(parts) for k in ("rerank", "format", "think")},
+                  "kl": kl, "kl_coef": kl_ctl.value, **stats,
+                  "explained_variance": explained_variance(exp.old_values, exp.returns, m) if value_head else None,
+                  "response_length": rollout.lengths.float().mean().item(),
+                  "parse_failure": sum("<answer>[" not in t for t in rollout.texts) / len(rollout.texts),
+                  "tokens_per_s": int(rollout.mask.sum()) / max(t_rollout, 1e-9), "step_s": time.time() - t0}
+        if evals and args.eval_every and step % args.eval_every == 0 and step < args.steps:
+            record.update(evaluate())
+            tqdm.write(f"step {step}: held-out rerank reward {record['eval_rerank']:.3f}, format "
+                       f"{record['eval_format']:.3f}, Recall@1 {record['eval_recall@1']:.3f}")
+        if stats["skipped"]:
+            tqdm.write(f"step {step}: {stats['skipped']} update(s) skipped: non-finite loss or gradient")
+        append_metrics(out, record)
+        plot_curves(read_metrics(out / "metrics.jsonl"), CURVES, out / "curve.png", title=f"train_ppo.py  {out}")
+        bar.update(1)
+        bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{kl:.3f}", len=f"{record['response_length']:.0f}")
+        if state["bad_steps"] >= args.max_bad_steps:
+            bar.close()
+            sys.exit(f"error: {state['bad_steps']} steps in a row had only non-finite updates; stopping "
+                     f"(last good checkpoint in {out / 'checkpoints'}). Lower --lr or raise --kl-coef?")
+        if step % args.save_every == 0 or step == args.steps or stop.requested:
+            save(step)
+    bar.close()
+    if step < args.steps:
+        print(f"stopped at step {step}/{args.steps}; checkpoint saved in {out / 'checkpoints'}; run again to resume")
+        return
+
+    after = None
+    if evals:
+        after = evaluate()
+        append_metrics(out, {"step": step, **after})
+        plot_curves(read_metrics(out / "metrics.jsonl"), CURVES, out / "curve.png", title=f"train_ppo.py  {out}")
+    if args.lora_rank > 0:
+        merge_lora(policy)
+    policy.save_pretrained(out / "model", side_files_from=args.model)
+    summary = {"steps": step, "eval_before": state["eval_before"], "eval_after": after, "model": str(out / "model")}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"final policy (HF layout): {out / 'model'}")
+    if after is not None:
+        for k in after:
+            print(f"held-out {k}: {state['eval_before'][k]:.3f} -> {after[k]:.3f}")
+
+
+if __name__ == "__main__":
+    main()
