@@ -29,6 +29,7 @@ class RerankResult:
     text: str  # the full output, reasoning included
     parsed: bool  # False: no readable <answer>[...]</answer>, `order` is the retriever's order
     scores: list[float] | None  # P(candidate i is ranked first) in input order, or None (see module docstring)
+    num_tokens: int = 0  # length of the generated text in tokens
 
 
 def default_device_dtype(device=None, dtype=None) -> tuple[str, torch.dtype]:
@@ -69,9 +70,9 @@ class Reranker:
             rollout = generate(self.model, self.processor, batch, max_new_tokens=max_new_tokens, temperature=temperature,
                                generator=generator)
             first = self.first_id_scores(batch, rollout.texts, [len(i) for i in ims]) if scores else [None] * len(qs)
-            for text, images, sc in zip(rollout.texts, ims, first):
+            for text, images, sc, length in zip(rollout.texts, ims, first, rollout.lengths.tolist()):
                 order, parsed = parse_order(text, len(images))
-                results.append(RerankResult(order, text, parsed, sc))
+                results.append(RerankResult(order, text, parsed, sc, length))
         return results
 
     @torch.no_grad()
@@ -110,10 +111,14 @@ class Reranker:
                                     max_new_tokens, generator=generator, progress=progress)
         records = []
         for s, r in zip(samples, results):
+            # Ordering by the first-id scores (ties and missing scores keep the generated order).
+            by_score = r.order if r.scores is None else sorted(r.order, key=lambda i: -r.scores[i])
             rec = {"id": s.id, "domain": s.domain, "query": s.query, "order": r.order, "parsed": r.parsed,
-                   "text": r.text, "scores": r.scores, "positives": s.positives, "num_relevant": s.num_relevant}
+                   "text": r.text, "scores": r.scores, "score_order": by_score, "num_tokens": r.num_tokens,
+                   "positives": s.positives, "num_relevant": s.num_relevant}
             for k in ks:
                 rec[f"recall@{k}"] = recall_at_k(r.order, s.positives, k, s.num_relevant)
+                rec[f"score_recall@{k}"] = recall_at_k(by_score, s.positives, k, s.num_relevant)
                 rec[f"retriever_recall@{k}"] = recall_at_k(list(range(len(s.images))), s.positives, k, s.num_relevant)
             rec.update({f"reward_{k}" if k != "reward" else k: v
                         for k, v in fused_reward(r.text, s.positives, len(s.images)).items()})

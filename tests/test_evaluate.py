@@ -1,0 +1,108 @@
+"""evaluate.py end to end on a tiny checkpoint: the four outputs, resume, one-line errors, the report renders."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import page_images
+
+import evaluate
+from mmr5.metrics import summarize
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def eval_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("eval_data")
+    rows = []
+    for i in range(5):
+        images = []
+        for j, image in enumerate(page_images(3 + i % 2, seed=i)):
+            image.save(d / f"p{i}_{j}.png")
+            images.append(f"p{i}_{j}.png")
+        rows.append({"query": f"item {i}", "images": images, "positives": [i % 3 + 1],
+                     "domain": ["finance", "science"][i % 2]})
+    (d / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def run(model, data, out, *extra):
+    evaluate.main(["--model", str(model), "--data", str(data / "eval.jsonl"), "--out", str(out),
+                   "--max-new-tokens", "6", "--batch-size", "2", *map(str, extra)])
+
+
+def test_writes_all_outputs(tiny_model_dirs, eval_data, tmp_path, capsys):
+    run(tiny_model_dirs["qwen2_5_vl"], eval_data, tmp_path / "e", "--samples", 2)
+    printed = capsys.readouterr().out
+    assert "finance" in printed and "macro" in printed and "micro" in printed and "retr" in printed
+    results = json.loads((tmp_path / "e" / "results.json").read_text())
+    predictions = [json.loads(line) for line in (tmp_path / "e" / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 5 and results["queries"] == 5
+    assert results["reranker"] == summarize(predictions)  # the file's numbers are the predictions' numbers
+    assert set(results["reranker"]["domains"]) == {"finance", "science"}
+    assert results["parse_failure_rate"] == 1.0  # a random model writes no answer: the retriever's order stands
+    assert results["reranker"]["macro"] == results["retriever"]["macro"]
+    assert results["sampled_runs"]["k"] == 2 and "macro recall@1" in results["sampled_runs"]
+    assert all({"order", "text", "reward_format", "scores", "num_tokens"} <= set(p) for p in predictions)
+    html = (tmp_path / "e" / "report.html").read_text()
+    assert html.count("class='query'") == 5 and "data:image/jpeg;base64," in html
+
+
+def test_resume_keeps_finished_queries(tiny_model_dirs, eval_data, tmp_path, monkeypatch):
+    out = tmp_path / "r"
+    run(tiny_model_dirs["qwen2_vl"], eval_data, out, "--limit", 2)
+    first = (out / "predictions.jsonl").read_text().splitlines()
+    seen = []
+    real = evaluate.Reranker.evaluate
+
+    def counting(self, samples, *a, **k):
+        seen.extend(s.id for s in samples)
+        return real(self, samples, *a, **k)
+
+    monkeypatch.setattr(evaluate.Reranker, "evaluate", counting)
+    run(tiny_model_dirs["qwen2_vl"], eval_data, out, "--resume")
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    assert lines[:2] == first and len(lines) == 5
+    assert len(seen) == 3  # only the three unfinished queries were reranked
+
+
+def test_bad_data_stops_before_model_work(tiny_model_dirs, eval_data, tmp_path, monkeypatch):
+    def no_model(*a, **k):
+        raise AssertionError("the model must not be loaded for bad data")
+
+    monkeypatch.setattr(evaluate.Reranker, "from_pretrained", no_model)
+    bad = tmp_path / "bad"
+    shutil.copytree(eval_data, bad)
+    (bad / "p3_1.png").unlink()
+    with pytest.raises(SystemExit, match=r"eval.jsonl:4: .*p3_1.png"):
+        run(tiny_model_dirs["qwen2_vl"], bad, tmp_path / "x")
+    (bad / "eval.jsonl").write_text('{"query": "q", "images": []}\n')
+    with pytest.raises(SystemExit, match="eval.jsonl:1"):
+        run(tiny_model_dirs["qwen2_vl"], bad, tmp_path / "x")
+    r = subprocess.run([sys.executable, "evaluate.py", "--model", str(tiny_model_dirs["qwen2_vl"]), "--data",
+                        str(eval_data / "eval.jsonl"), "--batch-size", "0"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_report_renders_in_headless_chromium(tiny_model_dirs, eval_data, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Chromium is needed for this test (.ci/run installs Debian's chromium)"
+    run(tiny_model_dirs["qwen2_5_vl"], eval_data, tmp_path / "e")
+    report = tmp_path / "e" / "report.html"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    shot = tmp_path / "shot.png"
+    r = subprocess.run([chromium, *flags, f"--screenshot={shot}", "--window-size=1200,900", report.as_uri()],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and shot.exists() and shot.stat().st_size > 5000
+    from PIL import Image
+
+    with Image.open(shot) as im:
+        assert len(set(im.convert("L").resize((64, 48)).getdata())) > 5  # not a blank page
+    dom = subprocess.run([chromium, *flags, "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.stdout.count('class="query"') == 5  # every query made it into the rendered page
+    assert dom.stdout.count("<img") == 3 + 4 + 3 + 4 + 3
