@@ -6,6 +6,7 @@ With --model/--train/--eval/--out: the same loop on your checkpoint and data (se
 A run in --out resumes from its last checkpoint; Ctrl-C saves one before exiting.
 """
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -14,10 +15,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from mmr5 import distributed
 from mmr5.checkpoint import (StopFlag, append_metrics, latest_checkpoint, load_checkpoint, load_optimizer,
-                             rewind_metrics, save_checkpoint, set_rng_state)
+                             optimizer_tensors, rewind_metrics, save_checkpoint, set_rng_state)
 from mmr5.data import DataError, read_samples
-from mmr5.lora import add_lora, load_lora_state_dict, lora_state_dict, merge_lora
+from mmr5.lora import add_lora, merge_lora
 from mmr5.model import Qwen2VL
 from mmr5.plots import plot_curves, read_metrics
 from mmr5.processor import Processor
@@ -30,6 +32,7 @@ DEMO = dict(out="runs/demo/sft", steps=600, batch_size=16, lr=2e-3, warmup_steps
             save_every=100, eval_max_new_tokens=96)
 # Flags whose change makes a checkpoint's continuation a different run.
 RUN_IDENTITY = ("model", "train", "batch_size", "lora_rank", "lora_alpha", "lora_targets", "seed", "freeze_vision")
+CURVES = ["loss", "eval_recall@1", "lr"]
 
 
 def parse_args(argv=None):
@@ -57,7 +60,8 @@ def parse_args(argv=None):
     m.add_argument("--lora-targets", default="all-linear", help="'all-linear' or suffixes like 'q_proj,v_proj'")
     m.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
     m.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (long image prompts)")
-    m.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    m.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available; torchrun: cuda:LOCAL_RANK)")
+    m.add_argument("--fsdp", action="store_true", help="under torchrun, shard the model with FSDP2 (default: DDP)")
     m.add_argument("--bf16", choices=["auto", "on", "off"], default="auto", help="bf16 autocast (auto: on for CUDA)")
     m.add_argument("--min-pixels", type=int, help="override the checkpoint's preprocessor min_pixels")
     m.add_argument("--max-pixels", type=int, help="override the checkpoint's preprocessor max_pixels")
@@ -86,20 +90,19 @@ def parse_args(argv=None):
     return args, demo
 
 
-def recall_at_1(reranker: Reranker, samples, max_new_tokens: int) -> float:
-    records = reranker.evaluate(samples, max_new_tokens=max_new_tokens)
-    return sum(r["recall@1"] for r in records) / max(1, len(records))
-
-
 def main(argv=None):
     args, demo = parse_args(argv)
+    d = distributed.setup(args.device)
+    say = print if d.main else (lambda *a, **k: None)
     if demo:
-        print("built-in demo: synthetic pages + a tiny random Qwen2.5-VL (see README); building it under runs/demo/ ...")
+        say("built-in demo: synthetic pages + a tiny random Qwen2.5-VL (see README); building it under runs/demo/ ...")
+        if d.main:
+            build_demo()
+        distributed.barrier(d)
         paths = build_demo()
         args.model, args.train, args.eval = paths["base"], paths["train"], paths["eval"]
     out = Path(args.out)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    bf16 = args.bf16 == "on" or (args.bf16 == "auto" and device.startswith("cuda"))
+    bf16 = args.bf16 == "on" or (args.bf16 == "auto" and d.device.startswith("cuda"))
     torch.manual_seed(args.seed)
 
     try:
@@ -114,7 +117,7 @@ def main(argv=None):
 
     try:  # a frozen base can sit in bf16; trained weights stay float32 (autocast computes in bf16)
         dtype = torch.bfloat16 if bf16 and args.lora_rank > 0 else torch.float32
-        model = Qwen2VL.from_pretrained(args.model, dtype=dtype, device=device)
+        model = Qwen2VL.from_pretrained(args.model, dtype=dtype, device=d.device)
         processor = Processor.from_pretrained(args.model, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
@@ -123,15 +126,16 @@ def main(argv=None):
     if args.freeze_vision:
         model.visual.requires_grad_(False)
     model.set_gradient_checkpointing(args.grad_checkpointing)
+    forward = distributed.wrap(model, d, args.fsdp)  # DDP or FSDP2 under torchrun; the model itself alone
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
 
     def trained() -> dict:
-        """The tensors a checkpoint must hold: the adapters, or the whole model (a tied lm_head once)."""
+        """The tensors a checkpoint holds: the adapters, or the whole model (a tied lm_head once). Collective."""
+        full = distributed.full_state_dict(model, d)
         if args.lora_rank > 0:
-            return lora_state_dict(model)
-        tied = model.config.tie_word_embeddings
-        return {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+            return {k: v for k, v in full.items() if ".lora_" in k}
+        return {k: v for k, v in full.items() if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
 
     step, state = 0, {"eval_before": None}
     try:
@@ -145,69 +149,82 @@ def main(argv=None):
         if changed:
             sys.exit(f"error: {out} holds a run with different {', '.join('--' + k.replace('_', '-') for k in changed)};"
                      " use another --out or --no-resume")
-        if args.lora_rank > 0:
-            load_lora_state_dict(model, weights)
-        else:
-            model.load_state_dict(weights, strict=False)  # a tied lm_head is saved once, under embed_tokens
-        load_optimizer(optimizer, opt_tensors, state["optimizer"])
+        distributed.load_full_state_dict(model, weights)
+        load_optimizer(model, optimizer, opt_tensors, state["optimizer"])
         set_rng_state(rng, state["rng"])
         step = state["step"]
         if step >= total and (out / "summary.json").exists():
-            summary = json.loads((out / "summary.json").read_text())
-            print(f"{out} already holds a finished run ({summary}); --no-resume starts it over")
-            return
-        rewind_metrics(out, step)
-        print(f"resuming {out} from step {step}/{total}")
-    elif (out / "metrics.jsonl").exists():
+            say(f"{out} already holds a finished run ({json.loads((out / 'summary.json').read_text())}); "
+                "--no-resume starts it over")
+            return distributed.cleanup(d)
+        if d.main:
+            rewind_metrics(out, step)
+        say(f"resuming {out} from step {step}/{total}")
+    elif d.main and (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()  # a fresh run in an old folder: its curve starts over
     out.mkdir(parents=True, exist_ok=True)
-    n_trained = sum(p.numel() for p in params)
-    print(f"model {args.model}: {model.num_parameters() / 1e6:.2f}M parameters, {n_trained / 1e6:.2f}M trained "
-          f"({'LoRA r%d' % args.lora_rank if args.lora_rank else 'full'}), {device}{' bf16' if bf16 else ''}; "
-          f"{len(train)} train / {len(evals)} eval samples; {total} steps of {args.batch_size}")
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    ranks = f", {d.world} ranks ({'FSDP2' if args.fsdp else 'DDP'})" if d.world > 1 else ""
+    say(f"model {args.model}: {model.num_parameters() / 1e6:.2f}M parameters, {n_trained / 1e6:.2f}M trained "
+        f"({'LoRA r%d' % args.lora_rank if args.lora_rank else 'full'}), {d.device}{' bf16' if bf16 else ''}{ranks}; "
+        f"{len(train)} train / {len(evals)} eval samples; {total} steps of {args.batch_size}")
 
     reranker = Reranker(model, processor, batch_size=max(micro, 8))
-    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16)
+    autocast = torch.autocast(d.device.split(":")[0], dtype=torch.bfloat16, enabled=bf16)
 
-    def evaluate():
+    def evaluate() -> float:
+        """Held-out Recall@1 (greedy). DDP ranks split the samples; FSDP ranks all run all of them, because
+        their forwards are collectives and must stay in step."""
         model.eval()
+        mine = evals if args.fsdp else distributed.shard(evals, d)
+        keep_going = (lambda local: distributed.all_sum(float(local), d) > 0) if args.fsdp and d.world > 1 else None
         with autocast:
-            r1 = recall_at_1(reranker, evals, args.eval_max_new_tokens)
+            records = reranker.evaluate(mine, max_new_tokens=args.eval_max_new_tokens, keep_going=keep_going)
         model.train()
-        return r1
+        hits = [r["recall@1"] for r in records]
+        if args.fsdp:
+            return sum(hits) / max(1, len(hits))
+        return distributed.all_sum(sum(hits), d) / max(1, len(evals))
 
     if evals and state.get("eval_before") is None:
-        print(f"evaluating the starting model on {len(evals)} held-out samples ...")
+        say(f"evaluating the starting model on {len(evals)} held-out samples ...")
         state["eval_before"] = evaluate()
-        append_metrics(out, {"step": 0, "eval_recall@1": state["eval_before"]})
-        print(f"held-out Recall@1 before training: {state['eval_before']:.3f}")
+        if d.main:
+            append_metrics(out, {"step": 0, "eval_recall@1": state["eval_before"]})
+        say(f"held-out Recall@1 before training: {state['eval_before']:.3f}")
 
     def save(step):
-        save_checkpoint(out, step, trained(), optimizer, {"args": vars(args), "eval_before": state["eval_before"]})
+        weights, opt_state = trained(), optimizer_tensors(model, optimizer)  # collectives: every rank
+        if d.main:
+            save_checkpoint(out, step, weights, opt_state, {"args": vars(args), "eval_before": state["eval_before"]})
+        distributed.barrier(d)
 
     stop = StopFlag()
     model.train()
-    bar = tqdm(total=total, initial=step, desc="sft", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc="sft", unit="step", dynamic_ncols=True, disable=not d.main)
     log, t_last, tokens_since = [], time.time(), 0
-    while step < total and not stop.requested:
+    while step < total:
         lr = learning_rate(step, total, args.lr, args.warmup_steps, args.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        indices = sample_order(len(train), args.batch_size, step, args.seed)
-        batches = [sft_batch(processor, [train[i] for i in indices[s:s + micro]]) for s in range(0, len(indices), micro)]
-        n_tokens = sum(int(b["labels_mask"][:, 1:].sum()) for b in batches)
+        mine = distributed.shard(sample_order(len(train), args.batch_size, step, args.seed), d)
+        batches = [sft_batch(processor, [train[i] for i in mine[s:s + micro]]) for s in range(0, len(mine), micro)]
+        # Token-mean over the whole global batch: every rank divides by the same total; DDP/FSDP then average
+        # gradients over ranks, so the loss is scaled by the world size to make that average a sum.
+        n_tokens = distributed.all_sum(sum(int(b["labels_mask"][:, 1:].sum()) for b in batches), d)
         loss_sum = 0.0
-        for batch in batches:
-            with autocast:
-                loss, _ = sft_loss(model, batch)
-            (loss / n_tokens).backward()
+        for i, batch in enumerate(batches):
+            sync = i == len(batches) - 1 or d.world == 1 or args.fsdp
+            with autocast, (contextlib.nullcontext() if sync else forward.no_sync()):
+                loss, _ = sft_loss(model, batch, forward)
+                (loss * d.world / n_tokens).backward()
             loss_sum += loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf")).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        tokens_since += sum(int(b["attention_mask"].sum()) for b in batches)
-        log.append(loss_sum / n_tokens)
+        tokens_since += distributed.all_sum(sum(int(b["attention_mask"].sum()) for b in batches), d)
+        log.append(distributed.all_sum(loss_sum, d) / n_tokens)
         bar.update(1)
         bar.set_postfix(loss=f"{log[-1]:.3f}", lr=f"{lr:.2e}")
         record = None
@@ -220,33 +237,46 @@ def main(argv=None):
         if evals and args.eval_every and step % args.eval_every == 0 and step < total:
             record = record or {"step": step}
             record["eval_recall@1"] = evaluate()
-            tqdm.write(f"step {step}: held-out Recall@1 {record['eval_recall@1']:.3f}")
-        if record:
+            if d.main:
+                tqdm.write(f"step {step}: held-out Recall@1 {record['eval_recall@1']:.3f}")
+        if record and d.main:
             append_metrics(out, record)
-            plot_curves(read_metrics(out / "metrics.jsonl"), ["loss", "eval_recall@1", "lr"], out / "curve.png",
-                        title=f"train_sft.py  {out}")
-        if step % args.save_every == 0 or step == total or stop.requested:
+            plot_curves(read_metrics(out / "metrics.jsonl"), CURVES, out / "curve.png", title=f"train_sft.py  {out}")
+        stopping = distributed.all_sum(float(stop.requested), d) > 0  # every rank stops at the same step
+        if step % args.save_every == 0 or step == total or stopping:
             save(step)
+        if stopping:
+            break
     bar.close()
     if step < total:
-        print(f"stopped at step {step}/{total}; checkpoint saved in {out / 'checkpoints'}; run again to resume")
-        return
+        say(f"stopped at step {step}/{total}; checkpoint saved in {out / 'checkpoints'}; run again to resume")
+        return distributed.cleanup(d)
 
-    after = None
-    if evals:
-        after = evaluate()
-        append_metrics(out, {"step": step, "eval_recall@1": after})
-        plot_curves(read_metrics(out / "metrics.jsonl"), ["loss", "eval_recall@1", "lr"], out / "curve.png",
-                    title=f"train_sft.py  {out}")
+    after = evaluate() if evals else None
+    weights = distributed.full_state_dict(model, d)
+    if d.main:
+        if after is not None:
+            append_metrics(out, {"step": step, "eval_recall@1": after})
+            plot_curves(read_metrics(out / "metrics.jsonl"), CURVES, out / "curve.png", title=f"train_sft.py  {out}")
+        save_final_model(args, weights, out / "model")
+        summary = {"steps": step, "eval_recall@1_before": state["eval_before"], "eval_recall@1_after": after,
+                   "model": str(out / "model")}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"final model (HF layout, loads in transformers / vLLM / evaluate.py / train_ppo.py): {out / 'model'}")
+        if after is not None:
+            print(f"held-out Recall@1: {state['eval_before']:.3f} -> {after:.3f}  (curve: {out / 'curve.png'})")
+    distributed.barrier(d)
+    distributed.cleanup(d)
+
+
+def save_final_model(args, weights: dict, path: Path):
+    """A plain HF-layout checkpoint: the trained tensors put into a fresh copy of the base model, LoRA merged."""
+    model = Qwen2VL.from_pretrained(args.model)
     if args.lora_rank > 0:
-        merge_lora(model)
-    model.save_pretrained(out / "model", side_files_from=args.model)
-    summary = {"steps": step, "eval_recall@1_before": state["eval_before"], "eval_recall@1_after": after,
-               "model": str(out / "model")}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"final model (HF layout, loads in transformers / vLLM / evaluate.py / train_ppo.py): {out / 'model'}")
-    if after is not None:
-        print(f"held-out Recall@1: {state['eval_before']:.3f} -> {after:.3f}  (curve: {out / 'curve.png'})")
+        add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout)
+    distributed.load_full_state_dict(model, weights)
+    merge_lora(model)
+    model.save_pretrained(path, side_files_from=args.model)
 
 
 if __name__ == "__main__":

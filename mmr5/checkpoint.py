@@ -16,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
 from mmr5.weights import atomic_directory
 
@@ -46,36 +48,39 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict):
     np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """A torch optimizer's state_dict as flat tensors ("<param index>.<name>") plus its JSON-able rest."""
-    sd = optimizer.state_dict()
+def optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """The optimizer's full (unsharded) state keyed by parameter name, as flat tensors ("<name>|<field>") plus
+    its JSON-able rest. Names, not positions, so a run resumes on another number of ranks or with FSDP.
+    Under torch.distributed every rank must call it (it gathers to rank 0; the others get nothing)."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized())
+    sd = get_optimizer_state_dict(model, optimizer, options=options)  # empty on ranks > 0 when distributed
     tensors, scalars = {}, {}
-    for index, state in sd["state"].items():
-        for name, value in state.items():
+    for name, state in sd.get("state", {}).items():
+        for field, value in state.items():
             if torch.is_tensor(value):
-                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
+                tensors[f"{name}|{field}"] = value.detach().cpu().contiguous()
             else:
-                scalars[f"{index}.{name}"] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+                scalars[f"{name}|{field}"] = value
+    return tensors, {"param_groups": sd.get("param_groups", []), "scalars": scalars}
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict):
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    for key, value in meta["scalars"].items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                   meta: dict):
+    state: dict[str, dict] = {}
+    for key, value in [*tensors.items(), *meta["scalars"].items()]:
+        name, field = key.rsplit("|", 1)
+        state.setdefault(name, {})[field] = value
+    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": meta["param_groups"]},
+                             options=StateDictOptions(full_state_dict=True))
 
 
-def save_checkpoint(out_dir, step: int, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+def save_checkpoint(out_dir, step: int, weights: dict[str, torch.Tensor], optimizer_state: tuple[dict, dict],
                     state: dict, keep: int = 1) -> Path:
-    """Write checkpoints/step-{step}/ completely, point `latest` at it, then delete all but the newest `keep`."""
+    """Write checkpoints/step-{step}/ completely, point `latest` at it, then delete all but the newest `keep`.
+    `optimizer_state` is `optimizer_tensors(model, optimizer)`. Call it on one process (rank 0)."""
     root = Path(out_dir) / "checkpoints"
     name = f"step-{step:06d}"
-    opt_tensors, opt_meta = optimizer_tensors(optimizer)
+    opt_tensors, opt_meta = optimizer_state
     rng_tensors, rng_meta = rng_state()
     with atomic_directory(root / name) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / "weights.safetensors")

@@ -58,8 +58,8 @@ class Reranker:
 
     def rerank_batch(self, queries: list[str], images_lists: list, temperature: float = 0.0,
                      max_new_tokens: int = 1024, scores: bool = True, generator: torch.Generator | None = None,
-                     progress: bool = False) -> list[RerankResult]:
-        """Rank many queries' candidates, `batch_size` queries per generate call."""
+                     progress: bool = False, keep_going=None) -> list[RerankResult]:
+        """Rank many queries' candidates, `batch_size` queries per generate call (`keep_going`: see generate)."""
         if len(queries) != len(images_lists):
             raise ValueError(f"{len(queries)} queries but {len(images_lists)} image lists")
         results = []
@@ -68,7 +68,7 @@ class Reranker:
             qs, ims = queries[s:s + self.batch_size], images_lists[s:s + self.batch_size]
             batch = self.processor.rerank_inputs(qs, ims)
             rollout = generate(self.model, self.processor, batch, max_new_tokens=max_new_tokens, temperature=temperature,
-                               generator=generator)
+                               generator=generator, keep_going=keep_going)
             first = self.first_id_scores(batch, rollout.texts, [len(i) for i in ims]) if scores else [None] * len(qs)
             for text, images, sc, length in zip(rollout.texts, ims, first, rollout.lengths.tolist()):
                 order, parsed = parse_order(text, len(images))
@@ -105,10 +105,10 @@ class Reranker:
         return out
 
     def evaluate(self, samples, max_new_tokens: int = 1024, temperature: float = 0.0, ks=(1, 3, 5),
-                 generator: torch.Generator | None = None, progress: bool = False) -> list[dict]:
+                 generator: torch.Generator | None = None, progress: bool = False, keep_going=None) -> list[dict]:
         """Rerank `mmr5.data.Sample`s and score each: recall@k (MMDocIR), the retriever's recall@k, rewards."""
         results = self.rerank_batch([s.query for s in samples], [s.images for s in samples], temperature,
-                                    max_new_tokens, generator=generator, progress=progress)
+                                    max_new_tokens, generator=generator, progress=progress, keep_going=keep_going)
         records = []
         for s, r in zip(samples, results):
             # Ordering by the first-id scores (ties and missing scores keep the generated order).

@@ -60,12 +60,14 @@ def pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gen
 @torch.no_grad()
 def generate(model: Qwen2VL, processor, batch: dict, max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, n: int = 1, stop_ids=None, generator: torch.Generator | None = None,
-             check_every: int = 8, compile: bool = False) -> Rollout:
+             check_every: int = 8, compile: bool = False, keep_going=None) -> Rollout:
     """Sample `n` responses per prompt of a left-padded `batch` (as `Processor.rerank_inputs` builds it; an
     `image_features` entry, the vision tower's output, is used instead of running it on `pixel_values`).
 
     Vision placeholder tokens are never generated (HF's generate may emit them). Greedy when temperature == 0. `stop_ids` defaults to `<|im_end|>` and `<|endoftext|>` ([] never stops). The generator (on the
     model's device) makes sampling reproducible. `compile=True` wraps the decode step in torch.compile (for GPUs).
+    `keep_going(any_row_active) -> bool` lets FSDP ranks agree to decode until every rank is done (their forwards
+    are collectives, so all must take the same number of steps).
     """
     if max_new_tokens < 1 or n < 1:
         raise ValueError(f"max_new_tokens and n must be >= 1 (got {max_new_tokens}, {n})")
@@ -116,9 +118,10 @@ def generate(model: Qwen2VL, processor, batch: dict, max_new_tokens: int, temper
             break
         if (step + 1) % check_every == 0:  # the only host synchronisation: drop rows that have stopped
             active = ~finished[rows]
-            if not bool(active.any()):
+            any_active = bool(active.any())
+            if not (keep_going(any_active) if keep_going else any_active):
                 break
-            if not bool(active.all()):
+            if any_active and not bool(active.all()):
                 keep = active.nonzero()[:, 0]
                 rows, cache, next_position = rows[keep], cache.select(keep), next_position[keep]
                 token = token[keep]

@@ -20,17 +20,18 @@ def sft_batch(processor: Processor, samples: list[Sample]) -> dict:
                                    responses=[s.response for s in samples])
 
 
-def sft_loss(model: Qwen2VL, batch: dict) -> tuple[torch.Tensor, int]:
+def sft_loss(model: Qwen2VL, batch: dict, forward=None) -> tuple[torch.Tensor, int]:
     """(sum of token cross-entropies over response tokens, number of those tokens).
 
     Position t predicts token t+1, so the hidden states are shifted one left of the labels. The LM head runs only
     on the positions that are scored (a real vocabulary is 152k wide: logits for a whole prompt would dominate
     memory). Summed, not averaged, so gradient accumulation can divide by the tokens of the whole step.
+    `forward` is the module to run (DDP's wrapper under torchrun; the model itself by default).
     """
     device = model.device
     input_ids = batch["input_ids"].to(device)
-    hidden = model(input_ids, batch["attention_mask"].to(device), batch["pixel_values"].to(device),
-                   batch["image_grid_thw"], logits_to_keep=None).hidden_states
+    hidden = (forward or model)(input_ids, batch["attention_mask"].to(device), batch["pixel_values"].to(device),
+                                batch["image_grid_thw"], logits_to_keep=None).hidden_states
     scored = batch["labels_mask"][:, 1:].to(device)
     logits = model.lm_head(hidden[:, :-1][scored]).float()
     return F.cross_entropy(logits, input_ids[:, 1:][scored], reduction="sum"), int(scored.sum())

@@ -1,0 +1,109 @@
+"""torchrun support for the scripts: one process per device, DDP by default, FSDP2 (`fully_shard`) on request.
+
+Pipeline position: beside the training loops (used by train_sft.py, train_ppo.py, evaluate.py), not a stage.
+Nothing here is home-made parallelism: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK, we call
+`init_process_group` (NCCL on GPUs, gloo on CPU, so CI runs 2 processes on one machine) and wrap the model in
+torch's own DDP or FSDP2. The data of a step is split across ranks by `shard`; losses are normalised by the
+global token count so N ranks compute exactly the update of one process with the same global batch.
+Checkpoints hold full (gathered) tensors keyed by name, so a run resumes on any number of ranks.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device: str | None) -> Dist:
+    """Join the torchrun group if there is one; pick this process's device (cuda:LOCAL_RANK under torchrun)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    if world == 1:
+        return Dist(0, 1, device or ("cuda" if cuda else "cpu"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), f"cuda:{local}" if cuda else "cpu")
+
+
+def shard(items: list, d: Dist) -> list:
+    """This rank's share of a step's items: contiguous blocks, so rank order is the single-process order."""
+    per, extra = divmod(len(items), d.world)
+    start = d.rank * per + min(d.rank, extra)
+    return items[start:start + per + (d.rank < extra)]
+
+
+def all_sum(x: float, d: Dist) -> float:
+    """Sum of a number over ranks (itself when alone)."""
+    if d.world == 1:
+        return x
+    t = torch.tensor(float(x), dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def gather(obj, d: Dist) -> list:
+    """Every rank's `obj`, in rank order (a list of one when alone)."""
+    if d.world == 1:
+        return [obj]
+    out = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def wrap(model: nn.Module, d: Dist, fsdp: bool) -> nn.Module:
+    """The module to run forward/backward through: the model itself when alone, else DDP or FSDP2 around it.
+
+    FSDP2 shards every vision block and decoder layer, then the rest (embeddings, norm, lm_head) at the root; the
+    model object keeps its attributes, so the rest of the code does not change. DDP keeps a full copy per rank.
+    """
+    if d.world == 1:
+        return model
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in [*model.visual.blocks, *model.model.layers]:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[torch.device(d.device).index] if d.device.startswith("cuda") else None)
+
+
+def full_state_dict(model: nn.Module, d: Dist) -> dict[str, torch.Tensor]:
+    """Unsharded parameters by name (gathered to rank 0, in CPU memory; every rank must call it, the others get {})."""
+    if d.world == 1:
+        return model.state_dict()
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]):
+    """Copy full tensors (a subset is fine: adapters only, a tied head saved once) into a plain, DDP-wrapped or
+    FSDP-sharded model."""
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def barrier(d: Dist):
+    if d.world > 1:
+        dist.barrier()
+
+
+def cleanup(d: Dist):
+    if d.world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
