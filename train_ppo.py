@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from mmr5 import distributed
 from mmr5.checkpoint import (StopFlag, append_metrics, latest_checkpoint, load_checkpoint, load_optimizer,
-                             rewind_metrics, save_checkpoint, set_rng_state)
+                             optimizer_tensors, rewind_metrics, save_checkpoint, set_rng_state)
 from mmr5.data import DataError, read_samples
-from mmr5.lora import add_lora, load_lora_state_dict, lora_state_dict, merge_lora
+from mmr5.lora import add_lora, merge_lora
 from mmr5.model import Qwen2VL
 from mmr5.plots import plot_curves, read_metrics
 from mmr5.ppo import AdaptiveKL, PPOConfig, ValueHead, encode_pages, explained_variance, make_experience, ppo_update
@@ -82,7 +83,8 @@ def parse_args(argv=None):
     t.add_argument("--lora-alpha", type=float, default=128, help="LoRA alpha (the release: 128)")
     t.add_argument("--lora-targets", default="all-linear", help="'all-linear' or suffixes like 'q_proj,v_proj'")
     t.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
-    t.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    t.add_argument("--device", help="cpu, cuda, ... (default: cuda if available; torchrun: cuda:LOCAL_RANK)")
+    t.add_argument("--fsdp", action="store_true", help="under torchrun, shard the models with FSDP2 (default: DDP)")
     t.add_argument("--bf16", choices=["auto", "on", "off"], default="auto", help="bf16 autocast (auto: on for CUDA)")
     t.add_argument("--min-pixels", type=int, help="override the checkpoint's preprocessor min_pixels")
     t.add_argument("--max-pixels", type=int, help="override the checkpoint's preprocessor max_pixels")
@@ -130,11 +132,17 @@ def demo_inputs(args):
 
 def main(argv=None):
     args, demo = parse_args(argv)
+    d = distributed.setup(args.device)
+    say = print if d.main else (lambda *a, **k: None)
     if demo:
+        if d.main:
+            demo_inputs(args)
+        distributed.barrier(d)
         demo_inputs(args)
+    if args.prompts_per_step % d.world:
+        sys.exit(f"error: --prompts-per-step ({args.prompts_per_step}) must be a multiple of the {d.world} ranks")
     out = Path(args.out)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    bf16 = args.bf16 == "on" or (args.bf16 == "auto" and device.startswith("cuda"))
+    bf16 = args.bf16 == "on" or (args.bf16 == "auto" and d.device.startswith("cuda"))
     torch.manual_seed(args.seed)
     try:
         train = read_samples(args.train)
@@ -146,52 +154,54 @@ def main(argv=None):
     if not train:
         sys.exit(f"error: {args.train} has no sample with a positive among its candidates")
 
+    def load() -> Qwen2VL:
+        model = Qwen2VL.from_pretrained(args.model, dtype=dtype, device=d.device)
+        model.visual.requires_grad_(False)  # frozen (as the release): rollout pages are encoded once and reused
+        if args.lora_rank > 0:
+            add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
+        return model
+
     try:
         dtype = torch.bfloat16 if bf16 and args.lora_rank > 0 else torch.float32
-        policy = Qwen2VL.from_pretrained(args.model, dtype=dtype, device=device)
+        policy = load()
         processor = Processor.from_pretrained(args.model, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    policy.visual.requires_grad_(False)  # frozen (as the release): rollout pages are encoded once and reused
-    reference = None  # LoRA: the policy with adapters off
-    if args.lora_rank > 0:
-        add_lora(policy, args.lora_rank, args.lora_alpha, args.lora_targets)
-    else:
-        reference = copy.deepcopy(policy).requires_grad_(False).eval()
-    critic = None
-    if args.advantage == "gae" and args.critic == "separate":
-        critic = Qwen2VL.from_pretrained(args.model, dtype=dtype, device=device)
-        critic.visual.requires_grad_(False)
-        if args.lora_rank > 0:
-            add_lora(critic, args.lora_rank, args.lora_alpha, args.lora_targets)
-    value_head = ValueHead(policy.config.text.hidden_size).to(device) if args.advantage == "gae" else None
-    for m in (policy, critic):
+    # The reference: with LoRA the policy itself with adapters off; else a frozen copy of the starting weights.
+    reference = None if args.lora_rank > 0 else copy.deepcopy(policy).requires_grad_(False).eval()
+    critic = load() if args.advantage == "gae" and args.critic == "separate" else None
+    if args.advantage == "gae":
+        (critic or policy).value_head = ValueHead(policy.config.text.hidden_size).to(d.device)
+    models = {"policy": policy, "critic": critic}
+    forwards = {}
+    for name, m in models.items():
         if m is not None:
             m.set_gradient_checkpointing(args.grad_checkpointing)
-    modules = {"policy": policy, "critic": critic, "value_head": value_head}
-    params = [p for m in modules.values() if m is not None for p in m.parameters() if p.requires_grad]
+            forwards[name] = distributed.wrap(m, d, args.fsdp)
+    params = [p for m in models.values() if m is not None for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     cfg = PPOConfig(advantage=args.advantage, gamma=args.gamma, lam=args.lam, clip=args.clip,
                     value_clip=args.value_clip, vf_coef=args.vf_coef, entropy_coef=args.entropy_coef,
                     kl_coef=args.kl_coef, kl_in=args.kl_in, target_kl=args.target_kl, kl_horizon=args.kl_horizon,
-                    epochs=args.epochs, minibatch_size=args.minibatch_size, micro_batch_size=args.micro_batch_size,
-                    reward_clip=args.reward_clip, grad_clip=args.grad_clip)
+                    epochs=args.epochs, minibatch_size=max(1, args.minibatch_size // d.world),
+                    micro_batch_size=args.micro_batch_size, reward_clip=args.reward_clip, grad_clip=args.grad_clip)
     kl_ctl = AdaptiveKL(args.kl_coef, args.target_kl, args.kl_horizon)
+    reduce = lambda x: distributed.all_sum(x, d)  # noqa: E731
 
     def trained() -> dict:
-        """Every trained tensor, prefixed by its module: adapters under LoRA, whole models otherwise."""
+        """Every trained tensor, prefixed by its model (adapters + value head under LoRA). Collective."""
         out = {}
-        for name, m in modules.items():
-            if m is None:
-                continue
-            if name != "value_head" and args.lora_rank > 0:
-                sd = lora_state_dict(m)
-            else:
-                sd = m.state_dict()
-                if name != "value_head" and m.config.tie_word_embeddings:
-                    sd.pop("lm_head.weight")
-            out.update({f"{name}.{k}": v for k, v in sd.items()})
+        for name, m in models.items():
+            if m is not None:
+                full = distributed.full_state_dict(m, d)
+                keep = [k for k, p in m.named_parameters() if p.requires_grad]
+                out.update({f"{name}.{k}": full[k] for k in keep if k in full})
         return out
+
+    def optimizer_state():
+        """The optimizer's state by parameter name, over both models (policy./critic. prefixes). Collective."""
+        container = torch.nn.ModuleDict({k: m for k, m in models.items() if m is not None})
+        return optimizer_tensors(container, optimizer)
 
     step, state = 0, {"eval_before": None, "bad_steps": 0}
     try:
@@ -205,67 +215,78 @@ def main(argv=None):
         if changed:
             sys.exit(f"error: {out} holds a run with different {', '.join('--' + k.replace('_', '-') for k in changed)};"
                      " use another --out or --no-resume")
-        for name, m in modules.items():
-            if m is None:
-                continue
-            sd = {k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")}
-            if name != "value_head" and args.lora_rank > 0:
-                load_lora_state_dict(m, sd)
-            else:
-                m.load_state_dict(sd, strict=False)
-        load_optimizer(optimizer, opt_tensors, state["optimizer"])
+        for name, m in models.items():
+            if m is not None:
+                distributed.load_full_state_dict(m, {k[len(name) + 1:]: v for k, v in weights.items()
+                                                     if k.startswith(name + ".")})
+        load_optimizer(torch.nn.ModuleDict({k: m for k, m in models.items() if m is not None}), optimizer,
+                       opt_tensors, state["optimizer"])
         set_rng_state(rng, state["rng"])
         kl_ctl.value = state["kl_coef"]
         step = state["step"]
         if step >= args.steps and (out / "summary.json").exists():
-            print(f"{out} already holds a finished run; --no-resume starts it over")
-            return
-        rewind_metrics(out, step)
-        print(f"resuming {out} from step {step}/{args.steps}")
-    elif (out / "metrics.jsonl").exists():
+            say(f"{out} already holds a finished run; --no-resume starts it over")
+            return distributed.cleanup(d)
+        if d.main:
+            rewind_metrics(out, step)
+        say(f"resuming {out} from step {step}/{args.steps}")
+    elif d.main and (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()
     out.mkdir(parents=True, exist_ok=True)
     n_trained = sum(p.numel() for p in params)
-    print(f"policy {args.model}: {policy.num_parameters() / 1e6:.2f}M parameters, {n_trained / 1e6:.2f}M trained "
-          f"({'LoRA r%d' % args.lora_rank if args.lora_rank else 'full'}); {args.advantage}"
-          f"{' + ' + args.critic + ' critic' if value_head is not None else ''}; {len(train)} train / {len(evals)} eval;"
-          f" {args.steps} steps x {args.prompts_per_step} prompts x {args.samples} samples; {device}{' bf16' if bf16 else ''}")
+    ranks = f", {d.world} ranks ({'FSDP2' if args.fsdp else 'DDP'})" if d.world > 1 else ""
+    say(f"policy {args.model}: {policy.num_parameters() / 1e6:.2f}M parameters, {n_trained / 1e6:.2f}M trained "
+        f"({'LoRA r%d' % args.lora_rank if args.lora_rank else 'full'}); {args.advantage}"
+        f"{' + ' + args.critic + ' critic' if args.advantage == 'gae' else ''}; {len(train)} train / {len(evals)} "
+        f"eval; {args.steps} steps x {args.prompts_per_step} prompts x {args.samples} samples; {d.device}"
+        f"{' bf16' if bf16 else ''}{ranks}")
 
-    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16)
+    autocast = torch.autocast(d.device.split(":")[0], dtype=torch.bfloat16, enabled=bf16)
     reranker = Reranker(policy, processor, batch_size=16)
+    # FSDP forwards are collectives: every rank must decode as long as the longest one.
+    keep_going = (lambda local: distributed.all_sum(float(local), d) > 0) if args.fsdp and d.world > 1 else None
 
     def evaluate() -> dict:
+        """Greedy held-out rewards and Recall@1 (DDP ranks split the samples; FSDP ranks all run all of them)."""
         policy.eval()
+        mine = evals if args.fsdp else distributed.shard(evals, d)
         with autocast:
-            records = reranker.evaluate(evals, max_new_tokens=args.eval_max_new_tokens)
-        mean = lambda key: sum(r[key] for r in records) / len(records)  # noqa: E731
-        return {"eval_rerank": mean("reward_rerank"), "eval_format": mean("reward_format"),
-                "eval_recall@1": mean("recall@1"), "eval_parsed": mean("parsed")}
+            records = reranker.evaluate(mine, max_new_tokens=args.eval_max_new_tokens, keep_going=keep_going)
+        keys = {"eval_rerank": "reward_rerank", "eval_format": "reward_format", "eval_recall@1": "recall@1",
+                "eval_parsed": "parsed"}
+        if args.fsdp:
+            return {k: sum(r[v] for r in records) / len(records) for k, v in keys.items()}
+        return {k: distributed.all_sum(sum(r[v] for r in records), d) / len(evals) for k, v in keys.items()}
 
     if evals and state.get("eval_before") is None:
-        print(f"evaluating the starting policy on {len(evals)} held-out samples ...")
+        say(f"evaluating the starting policy on {len(evals)} held-out samples ...")
         state["eval_before"] = evaluate()
-        append_metrics(out, {"step": 0, **state["eval_before"]})
-        print("before: " + ", ".join(f"{k} {v:.3f}" for k, v in state["eval_before"].items()))
+        if d.main:
+            append_metrics(out, {"step": 0, **state["eval_before"]})
+        say("before: " + ", ".join(f"{k} {v:.3f}" for k, v in state["eval_before"].items()))
 
     def save(step):
-        save_checkpoint(out, step, trained(), optimizer, {"args": vars(args), "eval_before": state["eval_before"],
-                                                          "kl_coef": kl_ctl.value, "bad_steps": state["bad_steps"]})
+        weights, opt_state = trained(), optimizer_state()
+        if d.main:
+            save_checkpoint(out, step, weights, opt_state, {"args": vars(args), "eval_before": state["eval_before"],
+                                                            "kl_coef": kl_ctl.value, "bad_steps": state["bad_steps"]})
+        distributed.barrier(d)
 
     stop = StopFlag()
-    bar = tqdm(total=args.steps, initial=step, desc="ppo", unit="step", dynamic_ncols=True)
-    while step < args.steps and not stop.requested:
+    bar = tqdm(total=args.steps, initial=step, desc="ppo", unit="step", dynamic_ncols=True, disable=not d.main)
+    while step < args.steps:
         t0 = time.time()
         # 1. Rollout: n samples per prompt from the current policy (pages encoded once, shared by every forward).
-        samples = [train[i] for i in sample_order(len(train), args.prompts_per_step, step, args.seed)]
+        order = sample_order(len(train), args.prompts_per_step, step, args.seed)
+        samples = [train[i] for i in distributed.shard(order, d)]
         batch = processor.rerank_inputs([s.query for s in samples], [s.images for s in samples])
         policy.eval()
-        gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step)
+        gen = torch.Generator(d.device).manual_seed(args.seed * 1_000_003 + step * 1009 + d.rank)
         with autocast:
             pages = encode_pages(policy, batch)
             batch["image_features"] = torch.cat(pages[0])
             rollout = generate(policy, processor, batch, args.max_new_tokens, temperature=args.temperature,
-                               n=args.samples, generator=gen)
+                               n=args.samples, generator=gen, keep_going=keep_going)
         t_rollout = time.time() - t0
         # 2. Rewards: the fused reward of each response (row i answers prompt i // samples).
         parts = [fused_reward(text, samples[i // args.samples].positives, len(samples[i // args.samples].images),
@@ -273,60 +294,82 @@ def main(argv=None):
         scores = torch.tensor([p["reward"] for p in parts])
         # 3. Old and reference log-probs, values, advantages; 4. the clipped updates.
         with autocast:
-            exp = make_experience(policy, batch, pages, rollout, scores, args.samples, cfg, kl_ctl.value,
-                                  value_head, critic, reference)
-            policy.train()
-            stats = ppo_update(policy, exp, optimizer, params, cfg, kl_ctl.value, value_head, critic,
+            exp = make_experience(policy, batch, pages, rollout, scores, args.samples, cfg, kl_ctl.value, critic,
+                                  reference, reduce)
+            for m in (policy, critic):
+                if m is not None:
+                    m.train()
+            stats = ppo_update(policy, exp, optimizer, params, cfg, kl_ctl.value, critic,
                                value_only=step < args.critic_warmup,
-                               generator=torch.Generator().manual_seed(args.seed * 7919 + step))
+                               generator=torch.Generator().manual_seed(args.seed * 7919 + step * 1009 + d.rank),
+                               forwards=forwards, reduce=reduce, world=d.world)
         m = exp.mask.float()
-        kl = ((exp.old_logp - exp.ref_logp) * m).sum(1).mean().item()  # KL(policy || reference) per sequence
-        kl_ctl.update(kl, args.prompts_per_step * args.samples)
-        n_minibatches = args.epochs * -(-len(scores) // args.minibatch_size)
+        rows = distributed.all_sum(len(scores), d)
+        mean = lambda x: distributed.all_sum(float(x), d) / rows  # noqa: E731  (mean over the global rollout)
+        kl = mean(((exp.old_logp - exp.ref_logp) * m).sum())  # KL(policy || reference) per sequence
+        kl_ctl.update(kl, int(rows))
+        n_minibatches = args.epochs * -(-len(scores) // cfg.minibatch_size)
         state["bad_steps"] = state["bad_steps"] + 1 if stats["skipped"] == n_minibatches else 0
         step += 1
-        record = {"step": step, "reward": scores.mean().item(),
-                  **{k: sum(p[k] for p in parts) / len(parts) for k in ("rerank", "format", "think")},
+        record = {"step": step, "reward": mean(scores.sum()),
+                  **{k: mean(sum(p[k] for p in parts)) for k in ("rerank", "format", "think")},
                   "kl": kl, "kl_coef": kl_ctl.value, **stats,
-                  "explained_variance": explained_variance(exp.old_values, exp.returns, m) if value_head else None,
-                  "response_length": rollout.lengths.float().mean().item(),
-                  "parse_failure": sum("<answer>[" not in t for t in rollout.texts) / len(rollout.texts),
-                  "tokens_per_s": int(rollout.mask.sum()) / max(t_rollout, 1e-9), "step_s": time.time() - t0}
+                  "explained_variance": explained_variance(exp.old_values, exp.returns, m)
+                  if args.advantage == "gae" else None,
+                  "response_length": mean(rollout.lengths.sum()),
+                  "parse_failure": mean(sum("<answer>[" not in t for t in rollout.texts)),
+                  "tokens_per_s": distributed.all_sum(int(rollout.mask.sum()), d) / max(t_rollout, 1e-9),
+                  "step_s": time.time() - t0}
         if evals and args.eval_every and step % args.eval_every == 0 and step < args.steps:
             record.update(evaluate())
-            tqdm.write(f"step {step}: held-out rerank reward {record['eval_rerank']:.3f}, format "
-                       f"{record['eval_format']:.3f}, Recall@1 {record['eval_recall@1']:.3f}")
+            say(f"step {step}: held-out rerank reward {record['eval_rerank']:.3f}, format "
+                f"{record['eval_format']:.3f}, Recall@1 {record['eval_recall@1']:.3f}")
         if stats["skipped"]:
-            tqdm.write(f"step {step}: {stats['skipped']} update(s) skipped: non-finite loss or gradient")
-        append_metrics(out, record)
-        plot_curves(read_metrics(out / "metrics.jsonl"), CURVES, out / "curve.png", title=f"train_ppo.py  {out}")
+            say(f"step {step}: {stats['skipped']} update(s) skipped: non-finite loss or gradient")
+        if d.main:
+            append_metrics(out, record)
+            plot_curves(read_metrics(out / "metrics.jsonl"), CURVES, out / "curve.png", title=f"train_ppo.py  {out}")
         bar.update(1)
         bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{kl:.3f}", len=f"{record['response_length']:.0f}")
         if state["bad_steps"] >= args.max_bad_steps:
             bar.close()
             sys.exit(f"error: {state['bad_steps']} steps in a row had only non-finite updates; stopping "
                      f"(last good checkpoint in {out / 'checkpoints'}). Lower --lr or raise --kl-coef?")
-        if step % args.save_every == 0 or step == args.steps or stop.requested:
+        stopping = distributed.all_sum(float(stop.requested), d) > 0  # every rank stops at the same step
+        if step % args.save_every == 0 or step == args.steps or stopping:
             save(step)
+        if stopping:
+            break
     bar.close()
     if step < args.steps:
-        print(f"stopped at step {step}/{args.steps}; checkpoint saved in {out / 'checkpoints'}; run again to resume")
-        return
+        say(f"stopped at step {step}/{args.steps}; checkpoint saved in {out / 'checkpoints'}; run again to resume")
+        return distributed.cleanup(d)
 
-    after = None
-    if evals:
-        after = evaluate()
-        append_metrics(out, {"step": step, **after})
-        plot_curves(read_metrics(out / "metrics.jsonl"), CURVES, out / "curve.png", title=f"train_ppo.py  {out}")
+    after = evaluate() if evals else None
+    weights = distributed.full_state_dict(policy, d)
+    if d.main:
+        if after is not None:
+            append_metrics(out, {"step": step, **after})
+            plot_curves(read_metrics(out / "metrics.jsonl"), CURVES, out / "curve.png", title=f"train_ppo.py  {out}")
+        save_final_policy(args, weights, out / "model")
+        summary = {"steps": step, "eval_before": state["eval_before"], "eval_after": after, "model": str(out / "model")}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"final policy (HF layout): {out / 'model'}")
+        if after is not None:
+            for k in after:
+                print(f"held-out {k}: {state['eval_before'][k]:.3f} -> {after[k]:.3f}")
+    distributed.barrier(d)
+    distributed.cleanup(d)
+
+
+def save_final_policy(args, weights: dict, path: Path):
+    """A plain HF-layout checkpoint of the policy: trained tensors in a fresh base model, LoRA merged, no value head."""
+    model = Qwen2VL.from_pretrained(args.model)
     if args.lora_rank > 0:
-        merge_lora(policy)
-    policy.save_pretrained(out / "model", side_files_from=args.model)
-    summary = {"steps": step, "eval_before": state["eval_before"], "eval_after": after, "model": str(out / "model")}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"final policy (HF layout): {out / 'model'}")
-    if after is not None:
-        for k in after:
-            print(f"held-out {k}: {state['eval_before'][k]:.3f} -> {after[k]:.3f}")
+        add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
+    distributed.load_full_state_dict(model, {k: v for k, v in weights.items() if not k.startswith("value_head.")})
+    merge_lora(model)
+    model.save_pretrained(path, side_files_from=args.model)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ Per response token t of row i (T tokens, `mask` marks the real ones, the last re
 E_t is the mean over all real response tokens of the minibatch. `advantage="grpo"` is the MM-R5 release's
 recipe instead: A_i = (score_i - mean_group) / (std_group + 1e-4) on every token of row i, no critic, k3 in the loss.
 """
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +48,8 @@ class PPOConfig:
 
 
 class ValueHead(nn.Module):
-    """V(s) = w . h + b on the policy's last hidden state, zero at init: the critic starts neutral."""
+    """V(s) = w . h + b on the last hidden state, zero at init: the critic starts neutral. It is attached as
+    `model.value_head` (of the policy, or of a separate critic model), so DDP / FSDP treat it as part of the model."""
 
     def __init__(self, hidden: int):
         super().__init__()
@@ -65,11 +67,13 @@ def masked_mean(x, mask):
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def masked_whiten(x, mask, eps: float = 1e-8):
-    """(x - mean) / std over the real tokens; padding stays 0."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    return (x - mean) * torch.rsqrt(var + eps) * mask
+def masked_whiten(x, mask, reduce=None, eps: float = 1e-8):
+    """(x - mean) / std over the real tokens (of every rank, with `reduce` summing over ranks); padding stays 0."""
+    reduce = reduce or (lambda v: v)
+    count = max(1.0, reduce(float(mask.sum())))
+    mean = reduce(float((x * mask).sum())) / count
+    var = reduce(float((((x - mean) ** 2) * mask).sum())) / count
+    return (x - mean) * (1.0 / (var + eps) ** 0.5) * mask
 
 
 def kl_estimate(logp, ref_logp, kind: str, max_log_ratio: float = 20.0):
@@ -193,22 +197,25 @@ def encode_pages(model: Qwen2VL, batch: dict) -> tuple[list, list]:
     return out_f, out_g
 
 
-def response_forward(model: Qwen2VL, exp: Experience, rows, value_head: ValueHead | None = None, logprobs=True):
-    """(log pi(a_t), entropy_t, V_t) for the response tokens of `rows`; any of them None when not asked for."""
+def response_forward(model: Qwen2VL, exp: Experience, rows, logprobs=True, values=False, forward=None):
+    """(log pi(a_t), entropy_t, V_t) for the response tokens of `rows`; None for what is not asked.
+
+    V comes from `model.value_head`. `forward` is the module to run (a DDP wrapper; the model itself by default).
+    """
     inputs = exp.inputs(rows)
     device = model.device
-    hidden = model(**{k: v.to(device) if k != "image_grid_thw" else v for k, v in inputs.items()},
-                   logits_to_keep=None).hidden_states
+    hidden = (forward or model)(**{k: v.to(device) if k != "image_grid_thw" else v for k, v in inputs.items()},
+                                logits_to_keep=None).hidden_states
     L, T = exp.prompt_len, exp.mask.shape[1]
     h = hidden[:, L - 1:L + T - 1]  # the states that predict response tokens 0..T-1
-    values = value_head(h).float() if value_head is not None else None
+    v = model.value_head(h).float() if values else None
     if not logprobs:
-        return None, None, values
+        return None, None, v
     logits = model.lm_head(h).float()
     all_logp = logits.log_softmax(-1)
     logp = all_logp.gather(-1, exp.tokens[rows].to(device)[..., None])[..., 0]
     entropy = -(all_logp.exp() * all_logp).sum(-1)
-    return logp, entropy, values
+    return logp, entropy, v
 
 
 def chunks(rows: torch.Tensor, size: int):
@@ -218,13 +225,13 @@ def chunks(rows: torch.Tensor, size: int):
 @torch.no_grad()
 def make_experience(policy: Qwen2VL, prompt_batch: dict, pages: tuple[list, list], rollout: Rollout,
                     scores: torch.Tensor, group_size: int, cfg: PPOConfig, kl_coef: float,
-                    value_head: ValueHead | None = None, critic: Qwen2VL | None = None,
-                    reference: Qwen2VL | None = None) -> Experience:
+                    critic: Qwen2VL | None = None, reference: Qwen2VL | None = None, reduce=None) -> Experience:
     """Old log-probs, reference log-probs, values, per-token rewards and advantages for one rollout.
 
     `pages` is `encode_pages(policy, prompt_batch)` (the vision tower is frozen in PPO, so the sampler and every
-    forward here share it). `reference=None` means the policy with its LoRA adapters off; `critic=None` means the
-    value head sits on the policy's own trunk. Scores are per row (row i answers prompt i // group_size).
+    forward here share it). `reference=None` means the policy with its LoRA adapters off; values come from
+    `(critic or policy).value_head`. Scores are per row (row i answers prompt i // group_size). `reduce` sums a
+    number over torchrun ranks, so advantages are whitened over the whole global rollout.
     """
     R, L = rollout.tokens.shape[0], prompt_batch["input_ids"].shape[1]
     group = torch.arange(R) // group_size
@@ -235,11 +242,12 @@ def make_experience(policy: Qwen2VL, prompt_batch: dict, pages: tuple[list, list
         attention_mask=torch.cat([prompt_batch["attention_mask"][group], mask.long()], 1),
         prompt_len=L, mask=mask, group=group, features=features, grids=grids,
         scores=scores.float().clamp(-cfg.reward_clip, cfg.reward_clip))
+    gae_mode = cfg.advantage == "gae"
     old, ref, old_values = [], [], []
     for rows in chunks(torch.arange(R), cfg.micro_batch_size):
-        logp, _, values = response_forward(policy, exp, rows, value_head if critic is None else None)
-        if cfg.advantage == "gae" and critic is not None:
-            values = response_forward(critic, exp, rows, value_head, logprobs=False)[2]
+        logp, _, values = response_forward(policy, exp, rows, values=gae_mode and critic is None)
+        if gae_mode and critic is not None:
+            values = response_forward(critic, exp, rows, logprobs=False, values=True)[2]
         if reference is None:
             with lora_disabled(policy):
                 ref.append(response_forward(policy, exp, rows)[0].cpu())
@@ -249,7 +257,7 @@ def make_experience(policy: Qwen2VL, prompt_batch: dict, pages: tuple[list, list
         old_values.append(values.cpu() if values is not None else torch.zeros_like(logp.cpu()))
     exp.old_logp, exp.ref_logp, exp.old_values = torch.cat(old), torch.cat(ref), torch.cat(old_values)
     m = mask.float()
-    if cfg.advantage == "gae":
+    if gae_mode:
         rewards = torch.zeros_like(exp.old_logp)
         if cfg.kl_in == "reward":  # r_t = -beta * k1_t at every token ...
             rewards -= kl_coef * kl_estimate(exp.old_logp, exp.ref_logp, "k1", cfg.max_log_ratio) * m
@@ -257,7 +265,7 @@ def make_experience(policy: Qwen2VL, prompt_batch: dict, pages: tuple[list, list
         rewards[torch.arange(R), last] += exp.scores * mask.any(1)
         exp.old_values *= m
         advantages, exp.returns = gae(rewards, exp.old_values, m, cfg.gamma, cfg.lam)
-        exp.advantages = masked_whiten(advantages, m)
+        exp.advantages = masked_whiten(advantages, m, reduce)
     elif cfg.advantage == "grpo":
         exp.advantages = group_advantages(exp.scores, group_size)[:, None] * m
         exp.returns = torch.zeros_like(m)
@@ -267,30 +275,37 @@ def make_experience(policy: Qwen2VL, prompt_batch: dict, pages: tuple[list, list
 
 
 def ppo_update(policy: Qwen2VL, exp: Experience, optimizer: torch.optim.Optimizer, params: list, cfg: PPOConfig,
-               kl_coef: float, value_head: ValueHead | None = None, critic: Qwen2VL | None = None,
-               value_only: bool = False, generator: torch.Generator | None = None) -> dict:
+               kl_coef: float, critic: Qwen2VL | None = None, value_only: bool = False,
+               generator: torch.Generator | None = None, forwards: dict | None = None, reduce=None,
+               world: int = 1) -> dict:
     """`cfg.epochs` passes over the rollout in shuffled minibatches; one optimizer step per minibatch.
 
     `value_only` trains just the critic (critic warm-up). A minibatch whose loss or gradient is not finite is
-    skipped (no step) and counted in `skipped`.
+    skipped (no step) and counted in `skipped`. Under torchrun each rank passes its share of the rollout, its
+    DDP/FSDP `forwards` ({"policy": ..., "critic": ...}), `reduce` (sum over ranks) and `world`: an optimizer step
+    then covers the union of every rank's minibatch, token-mean over all of them.
     """
     R = exp.input_ids.shape[0]
-    use_critic = cfg.advantage == "gae"
+    reduce = reduce or (lambda x: x)
+    forwards = forwards or {}
+    gae_mode = cfg.advantage == "gae"
     stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "clip_frac", "approx_kl", "kl_loss")}
     skipped = 0
     device = policy.device
     for _ in range(cfg.epochs):
         for minibatch in chunks(torch.randperm(R, generator=generator), cfg.minibatch_size):
-            n_tokens = exp.mask[minibatch].sum().clamp(min=1)
+            n_tokens = max(1.0, reduce(float(exp.mask[minibatch].sum())))
             finite = True
-            for rows in chunks(minibatch, cfg.micro_batch_size):
+            micro = chunks(minibatch, cfg.micro_batch_size)
+            for i, rows in enumerate(micro):
                 m = exp.mask[rows].to(device).float()
-                weight = m.sum() / n_tokens  # token-mean over the whole minibatch
-                logp, entropy, values = response_forward(policy, exp, rows, value_head if critic is None else None)
+                logp, entropy, values = response_forward(policy, exp, rows, values=gae_mode and critic is None,
+                                                         forward=forwards.get("policy"))
                 loss = torch.zeros((), device=device)
-                if use_critic:
+                if gae_mode:
                     if critic is not None:
-                        values = response_forward(critic, exp, rows, value_head, logprobs=False)[2]
+                        values = response_forward(critic, exp, rows, logprobs=False, values=True,
+                                                  forward=forwards.get("critic"))[2]
                     v_loss = value_loss(values, exp.old_values[rows].to(device), exp.returns[rows].to(device), m,
                                         cfg.value_clip)
                     loss = loss + cfg.vf_coef * v_loss
@@ -309,10 +324,18 @@ def ppo_update(policy: Qwen2VL, exp: Experience, optimizer: torch.optim.Optimize
                     stats["entropy"].append(ent.item())
                     stats["clip_frac"].append(clip_frac.item())
                     stats["approx_kl"].append(approx_kl.item())
-                if not torch.isfinite(loss):
+                if reduce(float(not torch.isfinite(loss))) > 0:  # every rank skips together
                     finite = False
                     break
-                (loss * weight).backward()
+                # Token-mean over the global minibatch; DDP/FSDP average gradients over ranks, hence * world.
+                weight = m.sum() / n_tokens * world
+                last = i == len(micro) - 1
+                syncs = [forwards[k].no_sync() for k in ("policy", "critic")
+                         if not last and hasattr(forwards.get(k), "no_sync")]
+                with contextlib.ExitStack() as stack:
+                    for ctx in syncs:
+                        stack.enter_context(ctx)
+                    (loss * weight).backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
             if finite and torch.isfinite(grad_norm):
                 optimizer.step()

@@ -121,10 +121,10 @@ def rollout_setup(tiny_model_dirs):
 
 def test_value_head_reads_the_response_positions(rollout_setup):
     model, _, batch, pages, rollout = rollout_setup
-    head = ValueHead(model.config.text.hidden_size)
+    model.value_head = head = ValueHead(model.config.text.hidden_size)
     torch.nn.init.normal_(head.linear.weight, std=0.1)
     exp = make_experience(model, batch, pages, rollout, torch.tensor([1.0, 0.0, 0.5, 0.2]), 2, PPOConfig(), 0.1,
-                          value_head=head, reference=model)
+                          reference=model)
     with torch.no_grad():
         hidden = model(exp.input_ids, exp.attention_mask, image_features=torch.cat([pages[0][g] for g in exp.group]),
                        image_grid_thw=torch.cat([pages[1][g] for g in exp.group])).hidden_states
@@ -141,16 +141,18 @@ def test_rewards_sit_on_the_last_token_and_kl_enters(rollout_setup):
     model, path, batch, pages, rollout = rollout_setup
     scores = torch.tensor([1.0, 0.0, 0.5, 0.2])
     cfg = PPOConfig(gamma=1.0, lam=1.0)
-    exp = make_experience(model, batch, pages, rollout, scores, 2, cfg, 0.0, value_head=ValueHead(64), reference=model)
+    model.value_head = ValueHead(64)
+    exp = make_experience(model, batch, pages, rollout, scores, 2, cfg, 0.0, reference=model)
     m = exp.mask.float()
     # V = 0, gamma = lam = 1, no KL: every token's return is the sequence's score
     assert torch.allclose(exp.returns, scores[:, None] * m)
     model = Qwen2VL.from_pretrained(path)  # a fresh copy: the adapters below must not leak into other tests
     add_lora(model, rank=4, alpha=8)  # perturb the adapters: the policy now differs from the base reference
+    model.value_head = ValueHead(64)
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
-    exp = make_experience(model, batch, pages, rollout, scores, 2, cfg, 0.5, value_head=ValueHead(64))
+    exp = make_experience(model, batch, pages, rollout, scores, 2, cfg, 0.5)
     k1 = (exp.old_logp - exp.ref_logp) * m
     assert k1.abs().sum() > 0
     expected = (scores[:, None] - 0.5 * (k1.flip(1).cumsum(1).flip(1))) * m  # reward-to-go of -beta*k1 + score
@@ -161,15 +163,15 @@ def test_ppo_update_moves_toward_advantage_and_guards_nan(rollout_setup):
     _, path, batch, pages, rollout = rollout_setup
     model = Qwen2VL.from_pretrained(path)
     add_lora(model, rank=4, alpha=8)
-    head = ValueHead(64)
-    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    model.value_head = ValueHead(64)
+    params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2)
     scores = torch.tensor([1.0, 0.0, 1.0, 0.0])
     for advantage in ("gae", "grpo"):
         cfg = PPOConfig(advantage=advantage, epochs=3, minibatch_size=2, micro_batch_size=1,
                         kl_in="loss" if advantage == "grpo" else "reward")
-        exp = make_experience(model, batch, pages, rollout, scores, 2, cfg, 0.01, value_head=head)
-        stats = ppo_update(model, exp, opt, params, cfg, 0.01, value_head=head, generator=torch.Generator().manual_seed(0))
+        exp = make_experience(model, batch, pages, rollout, scores, 2, cfg, 0.01)
+        stats = ppo_update(model, exp, opt, params, cfg, 0.01, generator=torch.Generator().manual_seed(0))
         assert stats["skipped"] == 0 and math.isfinite(stats["policy_loss"])
         with torch.no_grad():
             logp = response_forward(model, exp, torch.arange(4))[0]
