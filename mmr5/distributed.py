@@ -69,15 +69,16 @@ def gather(obj, d: Dist) -> list:
 def wrap(model: nn.Module, d: Dist, fsdp: bool) -> nn.Module:
     """The module to run forward/backward through: the model itself when alone, else DDP or FSDP2 around it.
 
-    FSDP2 shards every vision block and decoder layer, then the rest (embeddings, norm, lm_head) at the root; the
-    model object keeps its attributes, so the rest of the code does not change. DDP keeps a full copy per rank.
+    FSDP2 shards every vision block, the vision tower (PPO encodes pages with it alone) and every decoder layer,
+    then the rest (embeddings, norm, lm_head, a value head) at the root; the model object keeps its attributes, so
+    the rest of the code does not change. DDP keeps a full copy per rank.
     """
     if d.world == 1:
         return model
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
-        for block in [*model.visual.blocks, *model.model.layers]:
+        for block in [*model.visual.blocks, model.visual, *model.model.layers]:  # the tower is run on its own too
             fully_shard(block)
         fully_shard(model)
         return model
