@@ -18,14 +18,14 @@ from tqdm import tqdm
 
 from mmr5 import distributed
 from mmr5.checkpoint import (StopFlag, append_metrics, latest_checkpoint, load_checkpoint, load_optimizer,
-                             optimizer_tensors, rewind_metrics, save_checkpoint, set_rng_state)
+                             optimizer_tensors, rewind_metrics, set_rng_state, write_checkpoint)
 from mmr5.data import DataError, read_samples
 from mmr5.lora import add_lora, merge_lora
 from mmr5.model import Qwen2VL
 from mmr5.plots import plot_curves, read_metrics
 from mmr5.ppo import AdaptiveKL, PPOConfig, ValueHead, encode_pages, explained_variance, make_experience, ppo_update
 from mmr5.processor import Processor
-from mmr5.reranker import Reranker
+from mmr5.reranker import Reranker, check_pair
 from mmr5.rewards import fused_reward
 from mmr5.sampler import generate
 from mmr5.sft import sample_order
@@ -165,6 +165,7 @@ def main(argv=None):
         dtype = torch.bfloat16 if bf16 and args.lora_rank > 0 else torch.float32
         policy = load()
         processor = Processor.from_pretrained(args.model, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+        check_pair(policy, processor)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     # The reference: with LoRA the policy itself with adapters off; else a frozen copy of the starting weights.
@@ -268,7 +269,7 @@ def main(argv=None):
     def save(step):
         weights, opt_state = trained(), optimizer_state()
         if d.main:
-            save_checkpoint(out, step, weights, opt_state, {"args": vars(args), "eval_before": state["eval_before"],
+            write_checkpoint(out, step, weights, opt_state, {"args": vars(args), "eval_before": state["eval_before"],
                                                             "kl_coef": kl_ctl.value, "bad_steps": state["bad_steps"]})
         distributed.barrier(d)
 

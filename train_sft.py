@@ -8,6 +8,7 @@ A run in --out resumes from its last checkpoint; Ctrl-C saves one before exiting
 import argparse
 import contextlib
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -17,13 +18,13 @@ from tqdm import tqdm
 
 from mmr5 import distributed
 from mmr5.checkpoint import (StopFlag, append_metrics, latest_checkpoint, load_checkpoint, load_optimizer,
-                             optimizer_tensors, rewind_metrics, save_checkpoint, set_rng_state)
+                             optimizer_tensors, rewind_metrics, set_rng_state, write_checkpoint)
 from mmr5.data import DataError, read_samples
 from mmr5.lora import add_lora, merge_lora
 from mmr5.model import Qwen2VL
 from mmr5.plots import plot_curves, read_metrics
 from mmr5.processor import Processor
-from mmr5.reranker import Reranker
+from mmr5.reranker import Reranker, check_pair
 from mmr5.sft import learning_rate, sample_order, sft_batch, sft_loss
 from mmr5.synthetic import build_demo
 
@@ -72,6 +73,7 @@ def parse_args(argv=None):
     r.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (and at the end, and on Ctrl-C)")
     r.add_argument("--log-every", type=int, default=10, help="write metrics.jsonl / curve.png every N steps")
     r.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
+    r.add_argument("--max-bad-steps", type=int, default=3, help="stop after this many non-finite steps in a row")
     args = p.parse_args(argv)
     demo = not any((args.model, args.train, args.eval, args.out))
     if demo:
@@ -80,7 +82,7 @@ def parse_args(argv=None):
                 setattr(args, k, v)
     elif not (args.model and args.train and args.out):
         p.error("--model, --train and --out are required unless all of --model/--train/--eval/--out are unset (demo)")
-    for name in ("batch_size", "log_every", "save_every"):
+    for name in ("batch_size", "log_every", "save_every", "max_bad_steps"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
     if args.lr <= 0 or args.micro_batch_size < 0 or (args.steps is not None and args.steps <= 0) or args.epochs <= 0:
@@ -119,6 +121,7 @@ def main(argv=None):
         dtype = torch.bfloat16 if bf16 and args.lora_rank > 0 else torch.float32
         model = Qwen2VL.from_pretrained(args.model, dtype=dtype, device=d.device)
         processor = Processor.from_pretrained(args.model, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+        check_pair(model, processor)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     if args.lora_rank > 0:
@@ -196,13 +199,13 @@ def main(argv=None):
     def save(step):
         weights, opt_state = trained(), optimizer_tensors(model, optimizer)  # collectives: every rank
         if d.main:
-            save_checkpoint(out, step, weights, opt_state, {"args": vars(args), "eval_before": state["eval_before"]})
+            write_checkpoint(out, step, weights, opt_state, {"args": vars(args), "eval_before": state["eval_before"]})
         distributed.barrier(d)
 
     stop = StopFlag()
     model.train()
     bar = tqdm(total=total, initial=step, desc="sft", unit="step", dynamic_ncols=True, disable=not d.main)
-    log, t_last, tokens_since = [], time.time(), 0
+    log, t_last, tokens_since, bad_steps = [], time.time(), 0, 0
     while step < total:
         lr = learning_rate(step, total, args.lr, args.warmup_steps, args.min_lr_ratio)
         for group in optimizer.param_groups:
@@ -220,17 +223,28 @@ def main(argv=None):
                 (loss * d.world / n_tokens).backward()
             loss_sum += loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf")).item()
-        optimizer.step()
+        step_loss = distributed.all_sum(loss_sum, d) / n_tokens
+        if math.isfinite(step_loss) and math.isfinite(grad_norm):  # the NaN/inf guard: a bad step changes nothing
+            optimizer.step()
+            bad_steps = 0
+        else:
+            bad_steps += 1
+            tqdm.write(f"step {step + 1}: non-finite loss or gradient ({step_loss}, {grad_norm}); update skipped")
+            if d.main:
+                append_metrics(out, {"step": step + 1, "skipped": 1})
+            if bad_steps >= args.max_bad_steps:
+                sys.exit(f"error: {bad_steps} non-finite steps in a row; stopping (last good checkpoint in "
+                         f"{out / 'checkpoints'}). Lower --lr?")
         optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens_since += distributed.all_sum(sum(int(b["attention_mask"].sum()) for b in batches), d)
-        log.append(distributed.all_sum(loss_sum, d) / n_tokens)
+        log += [step_loss] if math.isfinite(step_loss) else []
         bar.update(1)
-        bar.set_postfix(loss=f"{log[-1]:.3f}", lr=f"{lr:.2e}")
+        bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}")
         record = None
         if step % args.log_every == 0 or step == total:
             elapsed = time.time() - t_last
-            record = {"step": step, "loss": sum(log) / len(log), "lr": lr, "grad_norm": grad_norm,
+            record = {"step": step, "loss": sum(log) / max(1, len(log)), "lr": lr, "grad_norm": grad_norm,
                       "tokens_per_s": tokens_since / elapsed}
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
             log, t_last, tokens_since = [], time.time(), 0

@@ -158,3 +158,14 @@ def rewind_metrics(out_dir, step: int):
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(keep))
         os.replace(tmp, path)
+
+
+def write_checkpoint(out_dir, step: int, weights: dict, optimizer_state: tuple[dict, dict], state: dict):
+    """save_checkpoint for the scripts: a failed write (disk full, no permission) is one clear line, and the
+    previous checkpoint is still there (the new one was being written under a temporary name)."""
+    try:
+        save_checkpoint(out_dir, step, weights, optimizer_state, state)
+    except OSError as e:
+        latest = latest_checkpoint(out_dir)
+        kept = f"the last complete checkpoint is {latest}" if latest else "no earlier checkpoint exists"
+        raise SystemExit(f"error: could not write the step-{step} checkpoint in {out_dir}: {e.strerror or e}; {kept}")

@@ -41,8 +41,25 @@ def default_device_dtype(device=None, dtype=None) -> tuple[str, torch.dtype]:
     return device, dtype
 
 
+def check_pair(model: Qwen2VL, processor: Processor):
+    """The tokenizer and the weights must belong together: every token id must have an embedding row, and the
+    image placeholder the processor writes must be the one the model replaces by vision features."""
+    cfg = model.config
+    if processor.vocab_size > cfg.text.vocab_size:
+        raise ValueError(f"the tokenizer has {processor.vocab_size} tokens but the model's vocabulary has "
+                         f"{cfg.text.vocab_size}: tokenizer.json does not belong to these weights")
+    pairs = [("<|image_pad|>", processor.image_pad_id, cfg.image_token_id),
+             ("<|vision_start|>", processor.vision_start_id, cfg.vision_start_token_id),
+             ("<|vision_end|>", processor.vision_end_id, cfg.vision_end_token_id)]
+    for token, ours, theirs in pairs:
+        if ours != theirs:
+            raise ValueError(f"the tokenizer's {token} is id {ours} but config.json says {theirs}: "
+                             "tokenizer.json does not belong to these weights")
+
+
 class Reranker:
     def __init__(self, model: Qwen2VL, processor: Processor, batch_size: int = 4):
+        check_pair(model, processor)
         self.model, self.processor, self.batch_size = model.eval(), processor, batch_size
 
     @classmethod

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 INDEX = "model.safetensors.index.json"
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")  # safetensors' names
 SINGLE = "model.safetensors"
 # Files a model directory carries besides the weights, copied along when a model is saved from another one.
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
@@ -72,7 +73,7 @@ def load_into(module: nn.Module, path, dtype: torch.dtype, device, tied: set[str
     wanted = {k: p for k, p in params.items() if k not in tied}
     missing = sorted(k for k in wanted if k not in files)
     unexpected = sorted(k for k in files if k not in params)
-    mismatched = []
+    mismatched, not_float = [], []
     handles = {}
     try:
         for name, (key, file) in files.items():
@@ -80,11 +81,15 @@ def load_into(module: nn.Module, path, dtype: torch.dtype, device, tied: set[str
                 continue
             if file not in handles:
                 handles[file] = safe_open(file, framework="pt", device="cpu")
-            shape = tuple(handles[file].get_slice(key).get_shape())
+            info = handles[file].get_slice(key)
+            shape = tuple(info.get_shape())
             if shape != tuple(wanted[name].shape):
                 mismatched.append(f"{key}: file {list(shape)} vs model {list(wanted[name].shape)}")
+            if info.get_dtype() not in FLOAT_DTYPES:  # e.g. a quantised checkpoint: converting would be garbage
+                not_float.append(f"{key}: {info.get_dtype()}")
         problems = [_listing(t, n) for t, n in (("missing tensors", missing), ("unexpected tensors", unexpected),
-                                                  ("mis-shaped tensors", mismatched)) if n]
+                                                  ("mis-shaped tensors", mismatched),
+                                                  ("tensors not in a float dtype", not_float)) if n]
         if problems:
             raise ValueError(f"checkpoint {path} does not fit the model in its config.json: " + "; ".join(problems))
         for name, (key, file) in files.items():
