@@ -30,8 +30,8 @@ from mmr5.rewards import fused_reward
 from mmr5.sampler import generate
 from mmr5.sft import sample_order
 
-DEMO = dict(out="runs/demo/ppo", steps=60, prompts_per_step=8, samples=4, lr=2e-4, max_new_tokens=96,
-            eval_every=20, eval_max_new_tokens=96, save_every=10, minibatch_size=16, micro_batch_size=16)
+DEMO = dict(out="runs/demo/ppo", steps=60, prompts_per_step=8, samples=4, lr=2e-4, max_new_tokens=128,
+            eval_every=20, eval_max_new_tokens=128, save_every=10, minibatch_size=16, micro_batch_size=16)
 DEMO_SFT = "runs/demo/sft"
 RUN_IDENTITY = ("model", "train", "prompts_per_step", "samples", "lora_rank", "lora_alpha", "lora_targets", "critic",
                 "advantage", "seed")

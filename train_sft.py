@@ -29,8 +29,8 @@ from mmr5.sft import learning_rate, sample_order, sft_batch, sft_loss
 from mmr5.synthetic import build_demo
 
 # The built-in default: what `python train_sft.py` runs (sized to learn in minutes on 2 CPU cores).
-DEMO = dict(out="runs/demo/sft", steps=600, batch_size=16, lr=2e-3, warmup_steps=30, eval_every=150,
-            save_every=100, eval_max_new_tokens=96)
+DEMO = dict(out="runs/demo/sft", steps=300, batch_size=16, lr=2e-3, warmup_steps=30, eval_every=100,
+            save_every=100, eval_max_new_tokens=128)
 # Flags whose change makes a checkpoint's continuation a different run.
 RUN_IDENTITY = ("model", "train", "batch_size", "lora_rank", "lora_alpha", "lora_targets", "seed", "freeze_vision")
 CURVES = ["loss", "eval_recall@1", "lr"]

@@ -7,12 +7,14 @@ directory (config.json + safetensors + tokenizer.json + preprocessor/chat files)
 and `Processor.from_pretrained` load like a released checkpoint.
 
 Each page shows one coloured shape; a query asks for one colour + shape ("Which page shows a red triangle?") and
-1-2 of the 5 candidates match. The SFT target restates the question, judges each image, then answers:
+1-2 of the 5 candidates match. The SFT target restates the question, checks each image's colour and shape against
+it, lists the matches, and ranks (relevant images first, ascending, then the rest ascending, as MM-R5's released SFT
+targets):
 
-    <think>The question asks for a red triangle. Image 1: a blue circle; no. Image 2: a red triangle; yes. ...
-    So the relevant image is 2.</think><answer>[2, 1, 3, 4, 5]</answer>
+    <think>The question asks for a red triangle. Image 1: blue no, circle no, so no. Image 2: red yes, triangle yes,
+    so yes. ... Relevant: 2.</think><answer>[2, 1, 3, 4, 5]</answer>
 
-Restating first matters: a tiny model then only has to compare each image with a phrase a few tokens back.
+The wording is shaped for a ~1M-parameter model (measured; see `make_response`).
 """
 import json
 import math
@@ -30,29 +32,30 @@ from mmr5.tokenizer_build import save_tokenizer_files, train_tokenizer
 COLOURS = {"red": (215, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 215), "yellow": (225, 190, 20),
            "purple": (140, 50, 180)}
 SHAPES = ("circle", "square", "triangle", "cross")
-PAGE = 56  # px: 4x4 patches of 14 px, merged 2x2 into 4 LM tokens per page; also the processor's min/max pixels
+WIDTH = HEIGHT = 56  # px: 4x4 patches of 14 px, merged 2x2 into 4 LM tokens per page
 CANDIDATES = 5
 QUERY_TEMPLATES = ("Which page shows a {}?", "Find the page with a {}.", "Which image contains a {}?")
-SIZES = dict(train=3000, eval=200)  # samples per split
-VARIANTS = dict(train=40, eval=10)  # rendered pages per (colour, shape) per split; eval pages are fresh renders
+SIZES = dict(train=6000, eval=200)  # samples per split; every candidate is its own fresh render
 VOCAB = 768
+# RoPE base 1e4 (not the released 1e6): with a 32-wide head, 1e6 leaves almost no rotary frequencies that tell
+# neighbouring tokens apart, and the per-image checks below compare neighbours.
+ROPE_THETA = 1e4
+# Init std ~ 1/sqrt(LM width). HF's 0.02 (made for widths ~1000) leaves a 128-wide model's attention uniform for
+# hundreds of steps before it can single out one image; at 0.08 it reads the pages within ~100 steps.
+INIT_STD = 0.08
 
 
-def render_page(colour: str, shape: str, rng: random.Random, size: int = PAGE) -> Image.Image:
-    """A tinted page with two grey "title" lines and one big shape, jittered in size and position.
+def render_page(colour: str, shape: str, rng: random.Random) -> Image.Image:
+    """A white page with one shape, 38-44 px wide, near the centre (jittered by up to 2 px).
 
-    The shape stays at least 24 px wide so its outline spans several patches; the cross's arms are 0.4 of its
-    width, so the shapes fill clearly different shares of their box (triangle 0.5, cross 0.64, circle 0.79,
-    square 1), and the colours are far apart, so both attributes are plain in the pixels.
+    Kept near the centre because a ~1M-parameter vision tower learns shapes from 14 px patches much faster when the
+    outline crosses the same patches every time (anywhere on the page: shape accuracy 0.64 after 320 steps). The shapes fill clearly different shares of their box (triangle 0.5, cross 0.64, circle 0.79, square 1; the
+    cross's arms are 0.4 of its width) and the colours are far apart: both attributes are plain in the pixels.
     """
-    tint = tuple(rng.randint(232, 255) for _ in range(3))
-    page = Image.new("RGB", (size, size), tint)
+    page = Image.new("RGB", (WIDTH, HEIGHT), (250, 250, 250))
     draw = ImageDraw.Draw(page)
-    grey = rng.randint(90, 150)
-    for y, length in ((3, rng.randint(18, 40)), (7, rng.randint(10, 30))):
-        draw.rectangle([3, y, 3 + length, y + 1], fill=(grey, grey, grey))
-    s = rng.randint(24, min(36, size - 14))
-    x0, y0 = rng.randint(2, size - 2 - s), rng.randint(12, size - 2 - s)
+    s = rng.randint(38, 44)
+    x0, y0 = (WIDTH - s) // 2 + rng.randint(-2, 2), (HEIGHT - s) // 2 + rng.randint(-2, 2)
     box, fill = [x0, y0, x0 + s - 1, y0 + s - 1], COLOURS[colour]
     if shape == "circle":
         draw.ellipse(box, fill=fill)
@@ -70,54 +73,61 @@ def render_page(colour: str, shape: str, rng: random.Random, size: int = PAGE) -
 
 
 def make_response(target: tuple[str, str], pages: list[tuple[str, str]]) -> str:
-    """The SFT target: restate the question, one verdict per image, then relevant images first (ascending), the
-    rest ascending -- the order MM-R5's released SFT data uses."""
+    """The SFT target: restate the question, check each image's colour and shape against it, list the matches,
+    then rank the relevant images first (ascending) and the rest ascending -- the order of MM-R5's targets.
+
+    Why this wording: a tiny model learns relevance only as *local* comparisons. "blue no" compares the word just
+    written with the restated colour; "so no" combines the two checks right before it; "Relevant: 2" copies the ids
+    whose check said yes. Captions followed by a single verdict ("a blue circle; no") or a final "the red triangle
+    is in Image 2" stayed at chance for 300+ steps in our measurements; this reached R@1 0.95 in 300.
+    """
     positives = [i for i, page in enumerate(pages, 1) if page == target]
     if not positives:
         raise ValueError("a demo sample needs at least one relevant page")
-    verdicts = " ".join(f"Image {i}: a {c} {s}; {'yes' if (c, s) == target else 'no'}."
-                        for i, (c, s) in enumerate(pages, 1))
-    summary = (f"So the relevant image is {positives[0]}." if len(positives) == 1 else
-               f"So the relevant images are {', '.join(map(str, positives[:-1]))} and {positives[-1]}.")
+    def yes(match: bool) -> str:
+        return "yes" if match else "no"
+    checks = " ".join(f"Image {i}: {c} {yes(c == target[0])}, {s} {yes(s == target[1])}, so {yes((c, s) == target)}."
+                      for i, (c, s) in enumerate(pages, 1))
     order = positives + [i for i in range(1, len(pages) + 1) if i not in positives]
-    return (f"<think>The question asks for a {' '.join(target)}. {verdicts} {summary}</think>"
-            f"<answer>[{', '.join(map(str, order))}]</answer>")
+    return (f"<think>The question asks for a {' '.join(target)}. {checks} Relevant: {', '.join(map(str, positives))}."
+            f"</think><answer>[{', '.join(map(str, order))}]</answer>")
 
 
-def make_sample(rng: random.Random, pool: dict[tuple[str, str], list[str]]) -> dict:
-    """One JSONL record: a query for a random (colour, shape), 1-2 pages showing it and other pages, shuffled.
+def make_sample(rng: random.Random, pages_dir: Path, split: str, index: int) -> dict:
+    """One JSONL record: a query for a random (colour, shape), 1-2 pages showing it and other pages, shuffled; each
+    page is rendered fresh and saved under `pages_dir` (paths in the record are relative to its parent).
 
-    `pool` maps each (colour, shape) to page paths (relative to the JSONL folder); negatives may share the colour
-    or the shape with the target, so both must be checked. domain = the shape asked for (per-domain recall).
+    One question in five has two relevant pages. MMDocIR's Recall@1 gives those at most 0.5, so a perfect model
+    scores 0.9 and chance 0.2.
+
+    Negatives may share the colour or the shape with the target, so both must be checked. domain = the shape asked
+    for (per-domain recall). File names are numbered: nothing but the pixels tells what a page shows.
     """
-    combos = sorted(pool)
+    combos = [(c, s) for c in COLOURS for s in SHAPES]
     target = rng.choice(combos)
-    n_pos = 1 if rng.random() < 0.6 else 2
-    others = [rng.choice([c for c in combos if c != target]) for _ in range(CANDIDATES - n_pos)]
-    picked = [target] * n_pos + others
-    images, used = [], set()
-    for combo in picked:  # distinct files, even when two candidates show the same combination
-        path = rng.choice([p for p in pool[combo] if p not in used])
-        used.add(path)
-        images.append((combo, path))
-    rng.shuffle(images)
-    pages = [combo for combo, _ in images]
+    n_pos = 1 if rng.random() < 0.8 else 2
+    pages = [target] * n_pos + [rng.choice([c for c in combos if c != target]) for _ in range(CANDIDATES - n_pos)]
+    rng.shuffle(pages)
+    images = []
+    for i, (colour, shape) in enumerate(pages):
+        rel = f"{pages_dir.name}/{split}_{index:05d}_{i}.png"
+        render_page(colour, shape, rng).save(pages_dir / f"{split}_{index:05d}_{i}.png")
+        images.append(rel)
     query = rng.choice(QUERY_TEMPLATES).format(" ".join(target))
-    return {"query": query, "images": [path for _, path in images],
-            "positives": [i for i, page in enumerate(pages, 1) if page == target], "domain": target[1],
-            "response": make_response(target, pages)}
+    return {"query": query, "images": images, "positives": [i for i, page in enumerate(pages, 1) if page == target],
+            "domain": target[1], "response": make_response(target, pages)}
 
 
 def demo_model_config(tokenizer: Tokenizer) -> Config:
-    """A ~1M-parameter Qwen2.5-VL for `tokenizer`: the released architecture (window + full-attention vision
-    blocks, GQA, M-RoPE) at widths a CPU trains in minutes. One 112 px window covers a whole 56 px page.
+    """A ~1.2M-parameter Qwen2.5-VL for `tokenizer`: the released architecture (window + full-attention vision
+    blocks, GQA, M-RoPE) at widths a CPU trains in minutes. One 112 px window covers a whole page.
     Special ids are looked up by content, as the processor does; the vocabulary is padded to a multiple of 8."""
     def token(name):
         return tokenizer.token_to_id(f"<|{name}|>")
 
     text = TextConfig(vocab_size=8 * math.ceil(tokenizer.get_vocab_size() / 8), hidden_size=128,
-                      intermediate_size=384, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                      mrope_section=[4, 6, 6], max_position_embeddings=4096, bos_token_id=token("endoftext"),
+                      intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                      mrope_section=[4, 6, 6], rope_theta=ROPE_THETA, max_position_embeddings=4096, bos_token_id=token("endoftext"),
                       eos_token_id=token("im_end"))
     vision = VisionConfig(depth=2, hidden_size=64, out_hidden_size=128, num_heads=2, intermediate_size=128,
                           window_size=112, fullatt_block_indexes=[1])
@@ -135,43 +145,35 @@ def tokenizer_corpus(samples: list[dict]) -> list[str]:
     return prompts * len(samples) + texts + [s["response"] for s in samples]
 
 
-def build_demo(root="runs/demo", seed: int = 0, force: bool = False, sizes: dict | None = None,
-               variants: dict | None = None) -> dict:
+def build_demo(root="runs/demo", seed: int = 0, force: bool = False, sizes: dict | None = None) -> dict:
     """Build (once) the demo under `root` and return its paths: `base` (model dir), `train`, `eval` (JSONL).
 
     A DONE file written last marks a complete build: with it the build is skipped (unless `force`), without it
-    (an interrupted run) everything is redone. Deterministic given `seed`; `sizes` / `variants` override SIZES /
-    VARIANTS (tests use small ones).
+    (an interrupted run) everything is redone. Deterministic given `seed`; `sizes` overrides SIZES (tests use
+    small ones). Eval pages are separate renders from training pages.
     """
     root = Path(root)
-    sizes, variants = {**SIZES, **(sizes or {})}, {**VARIANTS, **(variants or {})}
+    sizes = {**SIZES, **(sizes or {})}
     paths = {"base": root / "base", "train": root / "data" / "train.jsonl", "eval": root / "data" / "eval.jsonl"}
     done = root / "DONE"
     if done.exists() and not force:
         return {k: str(v) for k, v in paths.items()}
     shutil.rmtree(root, ignore_errors=True)
-    data = root / "data"
-    (data / "pages").mkdir(parents=True)
+    pages_dir = root / "data" / "pages"
+    pages_dir.mkdir(parents=True)
     rng = random.Random(seed)
     samples = {}
     for split in ("train", "eval"):
-        pool = {}
-        for colour in COLOURS:
-            for shape in SHAPES:
-                pool[colour, shape] = []
-                for _ in range(variants[split]):  # numbered names: nothing but the pixels tells what a page shows
-                    rel = f"pages/{split}_{sum(map(len, pool.values())):05d}.png"
-                    render_page(colour, shape, rng).save(data / rel)
-                    pool[colour, shape].append(rel)
-        samples[split] = [make_sample(rng, pool) for _ in range(sizes[split])]
+        samples[split] = [make_sample(rng, pages_dir, split, i) for i in range(sizes[split])]
         with open(paths[split], "w", encoding="utf-8") as f:
             f.writelines(json.dumps(s) + "\n" for s in samples[split])
 
     tokenizer = train_tokenizer(tokenizer_corpus(samples["train"]), VOCAB)
     side = root / "tokenizer"
-    save_tokenizer_files(tokenizer, str(side), min_pixels=PAGE * PAGE, max_pixels=PAGE * PAGE)
-    Qwen2VL.random(demo_model_config(tokenizer), seed=seed).save_pretrained(paths["base"], side_files_from=side)
+    save_tokenizer_files(tokenizer, str(side), min_pixels=WIDTH * HEIGHT, max_pixels=WIDTH * HEIGHT)
+    model = Qwen2VL.random(demo_model_config(tokenizer), std=INIT_STD, seed=seed)
+    model.save_pretrained(paths["base"], side_files_from=side)
     Processor.from_pretrained(paths["base"])  # fails now, not in the trainer, if the files do not fit together
-    manifest = {"seed": seed, "sizes": sizes, "variants": variants, **{k: str(v) for k, v in paths.items()}}
+    manifest = {"seed": seed, "sizes": sizes, **{k: str(v.relative_to(root)) for k, v in paths.items()}}
     done.write_text(json.dumps(manifest, indent=2) + "\n")
     return {k: str(v) for k, v in paths.items()}
