@@ -9,6 +9,7 @@ its last checkpoint; Ctrl-C saves one before exiting.
 import argparse
 import copy
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from mmr5 import distributed
-from mmr5.checkpoint import (StopFlag, append_metrics, latest_checkpoint, load_checkpoint, load_optimizer,
+from mmr5.checkpoint import (StopFlag, append_metrics, load_optimizer, resume_checkpoint,
                              optimizer_tensors, rewind_metrics, set_rng_state, write_checkpoint)
 from mmr5.data import DataError, read_samples
 from mmr5.lora import add_lora, merge_lora
@@ -118,12 +119,13 @@ def parse_args(argv=None):
 
 
 def demo_inputs(args):
-    """The built-in demo continues from the built-in SFT model, training it first when it is missing."""
-    import train_sft
-
+    """The built-in demo continues from the built-in SFT model, training it first (`python train_sft.py`, as the
+    README runs it) when it is missing."""
     if not (Path(DEMO_SFT) / "model" / "config.json").exists():
         print(f"no built-in SFT model in {DEMO_SFT}/model yet: running train_sft.py's built-in default first")
-        train_sft.main([])
+        done = subprocess.run([sys.executable, str(Path(__file__).with_name("train_sft.py"))])
+        if done.returncode:
+            sys.exit(f"error: the built-in SFT run failed (exit code {done.returncode}); see its output above")
     from mmr5.synthetic import build_demo
 
     paths = build_demo()
@@ -205,17 +207,9 @@ def main(argv=None):
         return optimizer_tensors(container, optimizer)
 
     step, state = 0, {"eval_before": None, "bad_steps": 0}
-    try:
-        ckpt = None if args.no_resume else latest_checkpoint(out)
-        if ckpt is not None:
-            weights, opt_tensors, rng, state = load_checkpoint(ckpt)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    if ckpt is not None:
-        changed = [k for k in RUN_IDENTITY if state["args"].get(k) != vars(args).get(k)]
-        if changed:
-            sys.exit(f"error: {out} holds a run with different {', '.join('--' + k.replace('_', '-') for k in changed)};"
-                     " use another --out or --no-resume")
+    resumed = resume_checkpoint(out, args, RUN_IDENTITY)
+    if resumed is not None:
+        weights, opt_tensors, rng, state = resumed
         for name, m in models.items():
             if m is not None:
                 distributed.load_full_state_dict(m, {k[len(name) + 1:]: v for k, v in weights.items()

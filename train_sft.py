@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from mmr5 import distributed
-from mmr5.checkpoint import (StopFlag, append_metrics, latest_checkpoint, load_checkpoint, load_optimizer,
+from mmr5.checkpoint import (StopFlag, append_metrics, load_optimizer, resume_checkpoint,
                              optimizer_tensors, rewind_metrics, set_rng_state, write_checkpoint)
 from mmr5.data import DataError, read_samples
 from mmr5.lora import add_lora, merge_lora
@@ -141,17 +141,9 @@ def main(argv=None):
         return {k: v for k, v in full.items() if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
 
     step, state = 0, {"eval_before": None}
-    try:
-        ckpt = None if args.no_resume else latest_checkpoint(out)
-        if ckpt is not None:
-            weights, opt_tensors, rng, state = load_checkpoint(ckpt)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    if ckpt is not None:
-        changed = [k for k in RUN_IDENTITY if state["args"].get(k) != vars(args).get(k)]
-        if changed:
-            sys.exit(f"error: {out} holds a run with different {', '.join('--' + k.replace('_', '-') for k in changed)};"
-                     " use another --out or --no-resume")
+    resumed = resume_checkpoint(out, args, RUN_IDENTITY)
+    if resumed is not None:
+        weights, opt_tensors, rng, state = resumed
         distributed.load_full_state_dict(model, weights)
         load_optimizer(model, optimizer, opt_tensors, state["optimizer"])
         set_rng_state(rng, state["rng"])

@@ -2,6 +2,7 @@
 
 Benchmarks print ratios against the reference measured in the same process, never absolute targets alone.
 """
+import multiprocessing as mp
 import os
 import statistics
 import sys
@@ -94,3 +95,21 @@ def timeit(fn, repeat: int = 3, warmup: int = 1) -> float:
 
 def setup_threads():
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
+
+
+def rss_kib(field: str) -> int:
+    """A memory figure of this process from /proc/self/status: VmRSS (now) or VmHWM (peak), in KiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def in_own_process(target, *args):
+    """Run target(*args, queue) in a fresh (spawned) process and return what it puts on the queue, so that each
+    measurement's peak memory is its own."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    p = ctx.Process(target=target, args=(*args, queue))
+    p.start()
+    result = queue.get()
+    p.join()
+    return result

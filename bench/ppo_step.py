@@ -8,19 +8,13 @@ Usage: python bench/ppo_step.py [--size tiny|100m] [--device cuda]
 """
 import argparse
 import copy
-import multiprocessing as mp
 import time
 from types import SimpleNamespace
 
 import torch
-from common import SPECIAL, models, rerank_batch, setup_threads
+from common import SPECIAL, in_own_process, models, rerank_batch, rss_kib, setup_threads
 
 PROMPTS, SAMPLES, NEW = 4, 4, 48
-
-
-def rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def measure(size: str, device: str, separate_reference: bool, queue):
@@ -76,23 +70,13 @@ def measure(size: str, device: str, separate_reference: bool, queue):
     queue.put((t, peak, tokens, policy.num_parameters()))
 
 
-def run(*args):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    p = ctx.Process(target=measure, args=(*args, queue))
-    p.start()
-    out = queue.get()
-    p.join()
-    return out
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="tiny", help="model size from bench/common.py")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args()
-    times, peak_lora, tokens, n_params = run(args.size, args.device, False)
-    _, peak_copy, _, _ = run(args.size, args.device, True)
+    times, peak_lora, tokens, n_params = in_own_process(measure, args.size, args.device, False)
+    _, peak_copy, _, _ = in_own_process(measure, args.size, args.device, True)
     total = sum(times.values())
     print(f"PPO step, {args.size} ({n_params / 1e6:.1f}M parameters), {args.device}: {PROMPTS} prompts x {SAMPLES} "
           f"samples x {NEW} tokens, LoRA r64 policy + value head on the shared trunk")

@@ -11,11 +11,11 @@ Slow (tens of minutes on 2 cores): a benchmark, not a test.
 """
 import argparse
 import json
-import multiprocessing as mp
 import time
 from pathlib import Path
 
 import torch
+from common import in_own_process
 
 from mmr5.model import Config, Qwen2VL, TextConfig, VisionConfig
 from mmr5.weights import INDEX
@@ -196,16 +196,6 @@ def ppo_update(model, cfg, base) -> dict:
             "rollout_peak_above_weights_gib": rollout_peak}
 
 
-def run(name, which, path):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    p = ctx.Process(target=part, args=(name, which, str(path), queue))
-    p.start()
-    out = queue.get()
-    p.join()
-    return out
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", default="runs/bench/qwen2.5-vl-3b-random", help="where the random checkpoint goes")
@@ -218,7 +208,7 @@ def main():
     results = {}
     for name in args.parts:
         for which in (["mmr5"] if name == "ppo" else ["mmr5", "hf"]):
-            results[name, which] = r = run(name, which, path)
+            results[name, which] = r = in_own_process(part, name, which, str(path))
             print(f"{name:<8} {which:<5} " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                       for k, v in r.items()), flush=True)
     if ("load", "mmr5") in results:

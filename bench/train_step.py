@@ -5,18 +5,12 @@ labels with -100 outside the response. Each measurement runs in its own process 
 Targets: HF time / mmr5 time >= 1.0; mmr5 peak <= HF peak. Usage: python bench/train_step.py [--sizes tiny 100m]
 """
 import argparse
-import multiprocessing as mp
 import time
 
 import torch
-from common import hf_kwargs, models, rerank_batch, setup_threads, timeit
+from common import hf_kwargs, in_own_process, models, rerank_batch, rss_kib, setup_threads, timeit
 
 RESPONSE = 64
-
-
-def rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def measure(size: str, which: str, device: str, queue):
@@ -60,16 +54,6 @@ def measure(size: str, which: str, device: str, queue):
     queue.put((seconds, peak))
 
 
-def run(size, which, device):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    p = ctx.Process(target=measure, args=(size, which, device, queue))
-    p.start()
-    result = queue.get()
-    p.join()
-    return result
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=["tiny", "100m"], help="model sizes from bench/common.py")
@@ -77,8 +61,8 @@ def main():
     args = p.parse_args()
     print(f"{'size':<6} {'HF s':>8} {'mmr5 s':>8} {'HF/mmr5':>8} {'HF peak MB':>11} {'mmr5 peak MB':>13} {'mmr5/HF':>8}")
     for size in args.sizes:
-        t_hf, m_hf = run(size, "hf", args.device)
-        t_ours, m_ours = run(size, "mmr5", args.device)
+        t_hf, m_hf = in_own_process(measure, size, "hf", args.device)
+        t_ours, m_ours = in_own_process(measure, size, "mmr5", args.device)
         print(f"{size:<6} {t_hf:>8.3f} {t_ours:>8.3f} {t_hf / t_ours:>8.2f} {m_hf / 2**20:>11.1f} "
               f"{m_ours / 2**20:>13.1f} {m_ours / m_hf:>8.2f}")
 

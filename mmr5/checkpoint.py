@@ -123,6 +123,23 @@ def load_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tens
     return tensors[0], tensors[1], tensors[2], state
 
 
+def resume_checkpoint(out_dir, args, run_identity: tuple[str, ...]):
+    """(weights, optimizer tensors, rng tensors, state) of the run in `out_dir` to continue, or None to start fresh
+    (none yet, or `args.no_resume`). Exits with one line when the checkpoint is broken or was made by a run with
+    different `run_identity` flags: continuing it would silently be another run."""
+    try:
+        ckpt = None if args.no_resume else latest_checkpoint(out_dir)
+        loaded = None if ckpt is None else load_checkpoint(ckpt)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if loaded is not None:
+        changed = [k for k in run_identity if loaded[3]["args"].get(k) != vars(args).get(k)]
+        if changed:
+            raise SystemExit(f"error: {out_dir} holds a run with different "
+                             f"{', '.join('--' + k.replace('_', '-') for k in changed)}; use another --out or --no-resume")
+    return loaded
+
+
 class StopFlag:
     """First Ctrl-C (or SIGTERM): the loop finishes its step, saves a checkpoint and exits. Second: stop at once."""
 

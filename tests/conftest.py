@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random Qwen2-VL / Qwen2.5-VL checkpoints written by HF transformers (the reference)."""
+import json
 import os
 
 import pytest
@@ -95,3 +96,20 @@ def page_images(count, seed=0, sizes=((56, 84), (70, 42), (98, 98), (28, 140))):
 
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 256, (*sizes[i % len(sizes)], 3), dtype=np.uint8)) for i in range(count)]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A folder with train.jsonl: 8 samples of 3 small pages each and a short response (the training-run tests)."""
+    d = tmp_path_factory.mktemp("train_data")
+    rows = []
+    for i in range(8):
+        images = []
+        for j, image in enumerate(page_images(3, seed=i)):
+            image.save(d / f"p{i}_{j}.png")
+            images.append(f"p{i}_{j}.png")
+        pos = i % 3 + 1
+        rows.append({"query": f"item {i}", "images": images, "positives": [pos],
+                     "response": f"<think>Image {pos} shows item {i}.</think><answer>[{pos}]</answer>"})
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d

@@ -17,22 +17,6 @@ from mmr5.model import Qwen2VL
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("dist_data")
-    rows = []
-    for i in range(8):
-        images = []
-        for j, image in enumerate(page_images(3, seed=i)):
-            image.save(d / f"p{i}_{j}.png")
-            images.append(f"p{i}_{j}.png")
-        pos = i % 3 + 1
-        rows.append({"query": f"item {i}", "images": images, "positives": [pos],
-                     "response": f"<think>Image {pos} shows item {i}.</think><answer>[{pos}]</answer>"})
-    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return d
-
-
 def sft_args(model, data, out, steps=3):
     return ["--model", str(model), "--train", str(data / "train.jsonl"), "--out", str(out), "--steps", str(steps),
             "--batch-size", "4", "--micro-batch-size", "1", "--lr", "1e-3", "--warmup-steps", "2", "--log-every", "1",

@@ -1,6 +1,5 @@
 """Faults a long run meets: SIGKILL at any moment (also mid checkpoint write), a full disk, NaN/inf."""
 import json
-import os
 import random
 import signal
 import subprocess
@@ -10,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import page_images
 
 import train_ppo
 import train_sft
@@ -18,22 +16,6 @@ from mmr5.checkpoint import latest_checkpoint, load_checkpoint
 from mmr5.model import Qwen2VL
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("fault_data")
-    rows = []
-    for i in range(8):
-        images = []
-        for j, image in enumerate(page_images(3, seed=i)):
-            image.save(d / f"p{i}_{j}.png")
-            images.append(f"p{i}_{j}.png")
-        pos = i % 3 + 1
-        rows.append({"query": f"item {i}", "images": images, "positives": [pos],
-                     "response": f"<think>Image {pos} shows item {i}.</think><answer>[{pos}]</answer>"})
-    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return d
 
 
 def sft_args(model, data, out, steps=10):
