@@ -40,8 +40,8 @@ def measure(size: str, device: str, separate_reference: bool, queue):
         base = rss_kib("VmRSS") * 1024
     reference = copy.deepcopy(policy).requires_grad_(False) if separate_reference else None
     add_lora(policy, rank=64, alpha=128)
-    head = ValueHead(policy.config.text.hidden_size).to(device)
-    params = [p for p in policy.parameters() if p.requires_grad] + list(head.parameters())
+    policy.value_head = ValueHead(policy.config.text.hidden_size).to(device)  # the shared-trunk critic
+    params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     cfg = PPOConfig(epochs=2, minibatch_size=8, micro_batch_size=4)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -57,12 +57,12 @@ def measure(size: str, device: str, separate_reference: bool, queue):
     t["rollout"] = time.perf_counter() - t0
     scores = torch.rand(PROMPTS * SAMPLES, generator=torch.Generator().manual_seed(0))
     t0 = time.perf_counter()
-    exp = make_experience(policy, batch, pages, rollout, scores, SAMPLES, cfg, 0.05, head, None, reference)
+    exp = make_experience(policy, batch, pages, rollout, scores, SAMPLES, cfg, 0.05, None, reference)
     sync()
     t["experience (old + ref log-probs, values, GAE)"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     policy.train()
-    ppo_update(policy, exp, optimizer, params, cfg, 0.05, head)
+    ppo_update(policy, exp, optimizer, params, cfg, 0.05)
     sync()
     t["update (2 epochs)"] = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated() if device == "cuda" else rss_kib("VmHWM") * 1024) - base
