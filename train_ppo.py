@@ -78,6 +78,9 @@ def parse_args(argv=None):
     a.add_argument("--max-bad-steps", type=int, default=3, help="stop after this many non-finite updates in a row")
     t = p.add_argument_group("optimisation and model")
     t.add_argument("--lr", type=float, default=1e-5, help="learning rate (the release: 1e-5 with LoRA r64)")
+    t.add_argument("--critic-lr", type=float, help="learning rate of the value head (and of a separate critic "
+                   "model); default 10x --lr: the zero-initialised head must reach the rewards' scale within a few "
+                   "steps, or GAE's advantages are mostly the critic's error")
     t.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0 = off)")
     t.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (0 = full fine-tuning with a frozen copy as "
                    "reference; the release: 64); with LoRA the reference is the model with adapters off")
@@ -108,8 +111,9 @@ def parse_args(argv=None):
                  "micro_batch_size", "save_every", "max_bad_steps"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
-    if args.lr <= 0 or args.temperature < 0 or args.kl_coef < 0 or args.clip <= 0:
-        p.error("--lr and --clip must be positive, --temperature and --kl-coef non-negative")
+    args.critic_lr = args.critic_lr if args.critic_lr is not None else 10 * args.lr
+    if args.lr <= 0 or args.critic_lr <= 0 or args.temperature < 0 or args.kl_coef < 0 or args.clip <= 0:
+        p.error("--lr, --critic-lr and --clip must be positive, --temperature and --kl-coef non-negative")
     if args.advantage == "grpo" and args.samples < 2:
         p.error("--advantage grpo compares samples of one prompt: --samples must be >= 2")
     if args.min_pixels and args.max_pixels and args.max_pixels < args.min_pixels:
@@ -181,8 +185,13 @@ def main(argv=None):
         if m is not None:
             m.set_gradient_checkpointing(args.grad_checkpointing)
             forwards[name] = distributed.wrap(m, d, args.fsdp)
+    critic_params = {id(p) for p in (critic or policy).value_head.parameters()} if args.advantage == "gae" else set()
+    if critic is not None:
+        critic_params |= {id(p) for p in critic.parameters()}
     params = [p for m in models.values() if m is not None for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    groups = [{"params": [p for p in params if id(p) not in critic_params], "lr": args.lr},
+              {"params": [p for p in params if id(p) in critic_params], "lr": args.critic_lr}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.95), weight_decay=0.0)
     cfg = PPOConfig(advantage=args.advantage, gamma=args.gamma, lam=args.lam, clip=args.clip,
                     value_clip=args.value_clip, vf_coef=args.vf_coef, entropy_coef=args.entropy_coef,
                     kl_coef=args.kl_coef, kl_in=args.kl_in, target_kl=args.target_kl, kl_horizon=args.kl_horizon,

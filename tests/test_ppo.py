@@ -182,3 +182,23 @@ def test_ppo_update_moves_toward_advantage_and_guards_nan(rollout_setup):
     stats = ppo_update(model, exp, opt, params, PPOConfig(advantage="grpo", epochs=1, minibatch_size=4), 0.0)
     assert stats["skipped"] == 1
     assert all(torch.equal(a, b) for a, b in zip(before, params))
+
+
+def test_shared_value_head_does_not_train_the_policy_trunk(rollout_setup):
+    """With the value head on the policy's trunk the value loss reaches the head only (its gradient there would move
+    the policy); a separate critic model is trained whole."""
+    _, path, batch, pages, rollout = rollout_setup
+    model = Qwen2VL.from_pretrained(path)
+    model.value_head = ValueHead(64)
+    torch.nn.init.normal_(model.value_head.linear.weight, std=0.1)
+    exp = make_experience(model, batch, pages, rollout, torch.tensor([1.0, 0.0, 0.5, 0.2]), 2, PPOConfig(), 0.0,
+                          reference=model)
+    m = exp.mask.float()
+    _, _, values = response_forward(model, exp, torch.arange(4), values=True)  # shared: one forward, both outputs
+    value_loss(values, exp.old_values, exp.returns + 1.0, m, clip=10.0).backward()
+    assert model.value_head.linear.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("value_head."))
+    model.zero_grad(set_to_none=True)
+    _, _, values = response_forward(model, exp, torch.arange(4), logprobs=False, values=True)  # a separate critic
+    value_loss(values, exp.old_values, exp.returns + 1.0, m, clip=10.0).backward()
+    assert model.model.layers[-1].mlp.down_proj.weight.grad.abs().sum() > 0
