@@ -46,13 +46,15 @@ def undertrained(tmp_path_factory):
     return root
 
 
-UNDERTRAINED_STEPS = 120
+UNDERTRAINED_STEPS = 150  # held-out R@1 0.49 (the full demo: 0.89); its samples vary, so RL has signal
 
 
-# Not met yet (2026-11-24, 2 cores): from the 120-step SFT model (R@1 0.315, rerank 0.401, format 0.976) the built-in
-# PPO run (60 steps x 8 prompts x 4 samples, lr 2e-4, beta 0.05) gave eval rerank 0.322 at step 20 and 0.366 at step
-# 40 while format rose to 0.999; the per-sequence KL is 3-14 nats. Kept as a real, failing-if-run check (strict=False
-# so that a pass is reported as XPASS) until the demo's PPO learns; see the issue note.
+# Not met yet (2026-11-24, 2 cores). With the demo's settings (24 prompts x 4 samples, lr 1e-4, 30 steps) from the
+# 150-step SFT model, GRPO raised held-out rerank 0.591 -> 0.666 (+0.075; format 0.944 -> 1.000) in 13m51s; GAE was
+# flat at step 10 (0.591) with a critic still worse than a constant (explained variance < 0). Fixed on the way: the
+# shared value head's loss trained the policy's trunk and drove its entropy up (GAE then learned nothing even on 8
+# fixed prompts; now 0.77 -> 0.89 there in 20 steps). Kept as a real check that fails if run (strict=False: a pass
+# shows as XPASS) until both estimators clear +0.1 within 15 minutes.
 @pytest.mark.xfail(reason="built-in PPO does not yet raise held-out rerank reward by 0.1", strict=False)
 @pytest.mark.parametrize("advantage", ["gae", "grpo"])
 def test_ppo_demo_improves_within_15_minutes(undertrained, advantage, tmp_path):
