@@ -50,8 +50,9 @@ UNDERTRAINED_STEPS = 150  # held-out R@1 0.49 (the full demo: 0.89); its samples
 
 
 # Not met yet (2026-11-24, 2 cores). With the demo's settings (24 prompts x 4 samples, lr 1e-4, 30 steps) from the
-# 150-step SFT model, GRPO raised held-out rerank 0.591 -> 0.666 (+0.075; format 0.944 -> 1.000) in 13m51s; GAE was
-# flat at step 10 (0.591) with a critic still worse than a constant (explained variance < 0). Fixed on the way: the
+# 150-step SFT model, GRPO raised held-out rerank 0.591 -> 0.666 (+0.075; format 0.944 -> 1.000) in 13m51s; GAE gave
+# 0.591 / 0.599 / 0.578 at steps 10 / 20 / 30 (lam 1.0: 0.633 / 0.562 / 0.645) with a critic still worse than a
+# constant (explained variance -0.2 .. -0.75). Fixed on the way: the
 # shared value head's loss trained the policy's trunk and drove its entropy up (GAE then learned nothing even on 8
 # fixed prompts; now 0.77 -> 0.89 there in 20 steps). Kept as a real check that fails if run (strict=False: a pass
 # shows as XPASS) until both estimators clear +0.1 within 15 minutes.
