@@ -135,8 +135,8 @@ def resume_checkpoint(out_dir, args, run_identity: tuple[str, ...]):
     if loaded is not None:
         changed = [k for k in run_identity if loaded[3]["args"].get(k) != vars(args).get(k)]
         if changed:
-            raise SystemExit(f"error: {out_dir} holds a run with different "
-                             f"{', '.join('--' + k.replace('_', '-') for k in changed)}; use another --out or --no-resume")
+            flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+            raise SystemExit(f"error: {out_dir} holds a run with different {flags}; use another --out or --no-resume")
     return loaded
 
 

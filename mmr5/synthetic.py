@@ -49,8 +49,9 @@ def render_page(colour: str, shape: str, rng: random.Random) -> Image.Image:
     """A white page with one shape, 38-44 px wide, near the centre (jittered by up to 2 px).
 
     Kept near the centre because a ~1M-parameter vision tower learns shapes from 14 px patches much faster when the
-    outline crosses the same patches every time (anywhere on the page: shape accuracy 0.64 after 320 steps). The shapes fill clearly different shares of their box (triangle 0.5, cross 0.64, circle 0.79, square 1; the
-    cross's arms are 0.4 of its width) and the colours are far apart: both attributes are plain in the pixels.
+    outline crosses the same patches every time (anywhere on the page: shape accuracy 0.64 after 320 steps). The
+    shapes fill clearly different shares of their box (triangle 0.5, cross 0.64, circle 0.79, square 1; the cross's
+    arms are 0.4 of its width) and the colours are far apart: both attributes are plain in the pixels.
     """
     page = Image.new("RGB", (WIDTH, HEIGHT), (250, 250, 250))
     draw = ImageDraw.Draw(page)
@@ -84,8 +85,10 @@ def make_response(target: tuple[str, str], pages: list[tuple[str, str]]) -> str:
     positives = [i for i, page in enumerate(pages, 1) if page == target]
     if not positives:
         raise ValueError("a demo sample needs at least one relevant page")
+
     def yes(match: bool) -> str:
         return "yes" if match else "no"
+
     checks = " ".join(f"Image {i}: {c} {yes(c == target[0])}, {s} {yes(s == target[1])}, so {yes((c, s) == target)}."
                       for i, (c, s) in enumerate(pages, 1))
     order = positives + [i for i in range(1, len(pages) + 1) if i not in positives]
@@ -110,9 +113,9 @@ def make_sample(rng: random.Random, pages_dir: Path, split: str, index: int) -> 
     rng.shuffle(pages)
     images = []
     for i, (colour, shape) in enumerate(pages):
-        rel = f"{pages_dir.name}/{split}_{index:05d}_{i}.png"
-        render_page(colour, shape, rng).save(pages_dir / f"{split}_{index:05d}_{i}.png")
-        images.append(rel)
+        name = f"{split}_{index:05d}_{i}.png"
+        render_page(colour, shape, rng).save(pages_dir / name)
+        images.append(f"{pages_dir.name}/{name}")
     query = rng.choice(QUERY_TEMPLATES).format(" ".join(target))
     return {"query": query, "images": images, "positives": [i for i, page in enumerate(pages, 1) if page == target],
             "domain": target[1], "response": make_response(target, pages)}
@@ -127,8 +130,8 @@ def demo_model_config(tokenizer: Tokenizer) -> Config:
 
     text = TextConfig(vocab_size=8 * math.ceil(tokenizer.get_vocab_size() / 8), hidden_size=128,
                       intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                      mrope_section=[4, 6, 6], rope_theta=ROPE_THETA, max_position_embeddings=4096, bos_token_id=token("endoftext"),
-                      eos_token_id=token("im_end"))
+                      mrope_section=[4, 6, 6], rope_theta=ROPE_THETA, max_position_embeddings=4096,
+                      bos_token_id=token("endoftext"), eos_token_id=token("im_end"))
     vision = VisionConfig(depth=2, hidden_size=64, out_hidden_size=128, num_heads=2, intermediate_size=128,
                           window_size=112, fullatt_block_indexes=[1])
     return Config(model_type="qwen2_5_vl", text=text, vision=vision, image_token_id=token("image_pad"),

@@ -98,16 +98,21 @@ def page_images(count, seed=0, sizes=((56, 84), (70, 42), (98, 98), (28, 140))):
     return [Image.fromarray(rng.integers(0, 256, (*sizes[i % len(sizes)], 3), dtype=np.uint8)) for i in range(count)]
 
 
+def save_pages(folder, index, images):
+    """Save one sample's pages as p{index}_{j}.png in `folder`; -> their names (the JSONL's relative paths)."""
+    names = [f"p{index}_{j}.png" for j in range(len(images))]
+    for name, image in zip(names, images):
+        image.save(folder / name)
+    return names
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """A folder with train.jsonl: 8 samples of 3 small pages each and a short response (the training-run tests)."""
     d = tmp_path_factory.mktemp("train_data")
     rows = []
     for i in range(8):
-        images = []
-        for j, image in enumerate(page_images(3, seed=i)):
-            image.save(d / f"p{i}_{j}.png")
-            images.append(f"p{i}_{j}.png")
+        images = save_pages(d, i, page_images(3, seed=i))
         pos = i % 3 + 1
         rows.append({"query": f"item {i}", "images": images, "positives": [pos],
                      "response": f"<think>Image {pos} shows item {i}.</think><answer>[{pos}]</answer>"})

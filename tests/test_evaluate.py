@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import page_images
+from conftest import page_images, save_pages
 
 import evaluate
 from mmr5.metrics import summarize
@@ -19,10 +19,7 @@ def eval_data(tmp_path_factory):
     d = tmp_path_factory.mktemp("eval_data")
     rows = []
     for i in range(5):
-        images = []
-        for j, image in enumerate(page_images(3 + i % 2, seed=i)):
-            image.save(d / f"p{i}_{j}.png")
-            images.append(f"p{i}_{j}.png")
+        images = save_pages(d, i, page_images(3 + i % 2, seed=i))
         rows.append({"query": f"item {i}", "images": images, "positives": [i % 3 + 1],
                      "domain": ["finance", "science"][i % 2]})
     (d / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import page_images
+from conftest import page_images, save_pages
 
 import train_sft
 from mmr5.data import read_samples
@@ -25,10 +25,7 @@ def sft_data(tmp_path_factory):
     d = tmp_path_factory.mktemp("sft_data")
     rows = []
     for i in range(10):
-        images = []
-        for j, image in enumerate(page_images(3, seed=i)):
-            image.save(d / f"p{i}_{j}.png")
-            images.append(f"p{i}_{j}.png")
+        images = save_pages(d, i, page_images(3, seed=i))
         pos = i % 3 + 1
         response = f"<think>The question asks for item {i}. Image {pos} shows it.</think><answer>[{pos}]</answer>"
         rows.append({"query": f"item {i}", "images": images, "positives": [pos], "response": response})

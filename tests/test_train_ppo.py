@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import page_images
+from conftest import page_images, save_pages
 
 import train_ppo
 
@@ -17,10 +17,7 @@ def ppo_data(tmp_path_factory):
     d = tmp_path_factory.mktemp("ppo_data")
     rows = []
     for i in range(6):
-        images = []
-        for j, image in enumerate(page_images(3, seed=i)):
-            image.save(d / f"p{i}_{j}.png")
-            images.append(f"p{i}_{j}.png")
+        images = save_pages(d, i, page_images(3, seed=i))
         rows.append({"query": f"item {i}", "images": images, "positives": [i % 3 + 1]})
     (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return d
