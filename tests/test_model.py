@@ -188,3 +188,26 @@ def test_hf_model_helper_spreads_logits():
     with torch.no_grad():
         logits = ref(input_ids=torch.arange(20)[None]).logits
     assert logits.std() > 0.5
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (4, 1), (2, 32), (65, 1)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_few_rows_path_matches_f_linear(shape, bias):
+    """The decode-time (W @ x^T)^T path (few rows, big weight) gives F.linear's values and gradients."""
+    from mmr5.model import Linear
+
+    torch.manual_seed(0)
+    layer = Linear(512, 1024, bias=bias)
+    with torch.no_grad():
+        if bias:
+            layer.bias.normal_()
+    x = torch.randn(*shape, 512, requires_grad=True)
+    y = layer(x)
+    ref = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert y.shape == ref.shape and y.is_contiguous()
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, layer.weight], g)
+    ref_grads = torch.autograd.grad(ref, [x, layer.weight], g)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
