@@ -32,7 +32,8 @@ from mmr5.sampler import generate
 from mmr5.sft import sample_order
 
 # Many prompts per step is what makes held-out reward rise (measured: 24 prompts x 4 samples, GRPO, 30 steps from a
-# 150-step SFT model: held-out rerank 0.59 -> 0.67; with 8 prompts per step the same lr memorises and held-out falls).
+# 150-step SFT model: held-out rerank 0.59 -> 0.70 in ~9 min on 2 cores; with 8 prompts per step the same lr memorises
+# and held-out falls).
 DEMO = dict(out="runs/demo/ppo", steps=30, prompts_per_step=24, samples=4, lr=1e-4, max_new_tokens=128,
             eval_every=10, eval_max_new_tokens=128, save_every=5, minibatch_size=48, micro_batch_size=16)
 DEMO_SFT = "runs/demo/sft"
@@ -88,7 +89,8 @@ def parse_args(argv=None):
                    "reference; the release: 64); with LoRA the reference is the model with adapters off")
     t.add_argument("--lora-alpha", type=float, default=128, help="LoRA alpha (the release: 128)")
     t.add_argument("--lora-targets", default="all-linear", help="'all-linear' or suffixes like 'q_proj,v_proj'")
-    t.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+    t.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (less "
+                   "memory; the training forwards then repeat each prompt per response instead of sharing its cache)")
     t.add_argument("--device", help="cpu, cuda, ... (default: cuda if available; torchrun: cuda:LOCAL_RANK)")
     t.add_argument("--fsdp", action="store_true", help="under torchrun, shard the models with FSDP2 (default: DDP)")
     t.add_argument("--bf16", choices=["auto", "on", "off"], default="auto", help="bf16 autocast (auto: on for CUDA)")

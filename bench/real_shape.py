@@ -34,8 +34,9 @@ def qwen25_vl_3b_config() -> Config:
     return Config(model_type="qwen2_5_vl", text=text, vision=vision, tie_word_embeddings=True, torch_dtype="bfloat16")
 
 
-def write_checkpoint(path: Path, shard_bytes: int = 2 * 2**30):
-    """Random bf16 weights, shard by shard (never the whole model in memory), released key names."""
+def write_checkpoint(path: Path, shard_bytes: int = 4 * 10**9):
+    """Random bf16 weights, shard by shard (never the whole model in memory), released key names; ~4 GB shards
+    as released (two for the 3B)."""
     if (path / INDEX).exists():
         return
     from safetensors.torch import save_file

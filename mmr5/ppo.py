@@ -14,6 +14,8 @@ Per response token t of row i (T tokens, `mask` marks the real ones, the last re
                 - entropy_coef * E_t H_t  [+ beta * E_t k3_t when kl_in="loss"]
 E_t is the mean over all real response tokens of the minibatch. `advantage="grpo"` is the MM-R5 release's
 recipe instead: A_i = (score_i - mean_group) / (std_group + 1e-4) on every token of row i, no critic, k3 in the loss.
+Every forward over a rollout runs each prompt once and its group's responses on that prompt's KV cache
+(`shared_prompt_states`): the prompt is most of each sequence, and minibatches are whole groups.
 """
 import contextlib
 from dataclasses import dataclass

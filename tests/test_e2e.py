@@ -49,15 +49,17 @@ def undertrained(tmp_path_factory):
 UNDERTRAINED_STEPS = 150  # held-out R@1 0.49 (the full demo: 0.89); its samples vary, so RL has signal
 
 
-# Not met yet (2026-11-24, 2 cores). With the demo's settings (24 prompts x 4 samples, lr 1e-4, 30 steps) from the
-# 150-step SFT model, GRPO raised held-out rerank 0.591 -> 0.666 (+0.075; format 0.944 -> 1.000) in 13m51s; GAE gave
-# 0.591 / 0.599 / 0.578 at steps 10 / 20 / 30 (lam 1.0: 0.633 / 0.562 / 0.645) with a critic still worse than a
-# constant (explained variance -0.2 .. -0.75). Fixed on the way: the
-# shared value head's loss trained the policy's trunk and drove its entropy up (GAE then learned nothing even on 8
-# fixed prompts; now 0.77 -> 0.89 there in 20 steps). Kept as a real check that fails if run (strict=False: a pass
-# shows as XPASS) until both estimators clear +0.1 within 15 minutes.
-@pytest.mark.xfail(reason="built-in PPO does not yet raise held-out rerank reward by 0.1", strict=False)
-@pytest.mark.parametrize("advantage", ["gae", "grpo"])
+# GAE does not meet the bar yet (2026-11-25, 2 cores): from the 150-step SFT model, at the demo's settings, held-out
+# rerank stays at or below its start (0.591 -> 0.58 / 0.57 at steps 10 / 20 with critic lr 2e-4; 0.53 with a 3-step
+# critic warm-up; 0.56 with lam 1.0 and a near-constant critic; 0.52 with lam 1.0 and no value clip), while its
+# critic's explained variance stays <= 0 (-0.7 .. 0): the linear value head on this 1M-parameter policy does not
+# predict the outcome, so its advantages carry less signal than GRPO's per-prompt normalisation (our reading, not yet
+# shown). GRPO meets it: 0.591 -> 0.698 at the demo's 30 steps (+0.107, format 0.944 -> 0.997, 8 min 50 s).
+# The gae case stays a real check that fails if run (strict=False: a pass shows as XPASS).
+@pytest.mark.parametrize("advantage", [
+    pytest.param("gae", marks=pytest.mark.xfail(reason="PPO with the shared critic does not yet raise held-out "
+                                                       "rerank reward by 0.1 on the demo", strict=False)),
+    "grpo"])
 def test_ppo_demo_improves_within_15_minutes(undertrained, advantage, tmp_path):
     """`python train_ppo.py` (PPO with a critic; and the release's GRPO) from the under-trained SFT model raises
     held-out mean rerank reward by >= 0.1 without lowering the format reward, in 15 minutes."""
