@@ -184,15 +184,21 @@ def test_ppo_update_moves_toward_advantage_and_guards_nan(rollout_setup):
     assert all(torch.equal(a, b) for a, b in zip(before, params))
 
 
-def test_shared_value_head_does_not_train_the_policy_trunk(rollout_setup):
-    """With the value head on the policy's trunk the value loss reaches the head only (its gradient there would move
-    the policy); a separate critic model is trained whole."""
+def fresh_model_with_value_head(rollout_setup):
+    """A fresh copy of the tiny model with a random value head, and its experience of the fixture's rollout."""
     _, path, batch, pages, rollout = rollout_setup
     model = Qwen2VL.from_pretrained(path)
     model.value_head = ValueHead(64)
     torch.nn.init.normal_(model.value_head.linear.weight, std=0.1)
     exp = make_experience(model, batch, pages, rollout, torch.tensor([1.0, 0.0, 0.5, 0.2]), 2, PPOConfig(), 0.0,
                           reference=model)
+    return model, exp
+
+
+def test_shared_value_head_does_not_train_the_policy_trunk(rollout_setup):
+    """With the value head on the policy's trunk the value loss reaches the head only (its gradient there would move
+    the policy); a separate critic model is trained whole."""
+    model, exp = fresh_model_with_value_head(rollout_setup)
     m = exp.mask.float()
     _, _, values = response_forward(model, exp, torch.arange(4), values=True)  # shared: one forward, both outputs
     value_loss(values, exp.old_values, exp.returns + 1.0, m, clip=10.0).backward()
@@ -207,12 +213,7 @@ def test_shared_value_head_does_not_train_the_policy_trunk(rollout_setup):
 def test_shared_prompt_forward_matches_one_row_per_response(rollout_setup):
     """Each prompt run once with its responses on its KV cache == the prompt repeated in every row (the path taken
     under gradient checkpointing): same log-probs, values and gradients, for rows of one or both groups."""
-    _, path, batch, pages, rollout = rollout_setup
-    model = Qwen2VL.from_pretrained(path)
-    model.value_head = ValueHead(64)
-    torch.nn.init.normal_(model.value_head.linear.weight, std=0.1)
-    exp = make_experience(model, batch, pages, rollout, torch.tensor([1.0, 0.0, 0.5, 0.2]), 2, PPOConfig(), 0.0,
-                          reference=model)
+    model, exp = fresh_model_with_value_head(rollout_setup)
     m = exp.mask.float()
     for rows in (torch.tensor([3, 0, 2]), torch.tensor([1]), torch.arange(4)):
         results = []
