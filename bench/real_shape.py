@@ -113,6 +113,10 @@ def lora_everywhere(model, rank: int, alpha: float):
 
 def part(name: str, which: str, path: str, queue):
     torch.set_num_threads(2)
+    if which == "mmr5":  # as train_sft.py / train_ppo.py do on a CPU (mmr5.distributed.setup)
+        from mmr5.distributed import map_large_allocations
+
+        map_large_allocations()
     path = Path(path)
     out = {}
     if name == "load":
@@ -201,6 +205,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", default="runs/bench/qwen2.5-vl-3b-random", help="where the random checkpoint goes")
     p.add_argument("--parts", nargs="+", default=["load", "forward", "sft", "ppo"], help="what to measure")
+    p.add_argument("--impl", nargs="+", default=["mmr5", "hf"], choices=["mmr5", "hf"],
+                   help="whose code to measure (ppo: mmr5 only)")
     args = p.parse_args()
     path = Path(args.dir)
     write_checkpoint(path)
@@ -208,7 +214,7 @@ def main():
     print(f"random Qwen2.5-VL-3B-Instruct-shaped checkpoint: {path} ({on_disk:.2f} GiB bf16 on disk); compute fp32")
     results = {}
     for name in args.parts:
-        for which in (["mmr5"] if name == "ppo" else ["mmr5", "hf"]):
+        for which in [w for w in args.impl if name != "ppo" or w == "mmr5"]:
             results[name, which] = r = in_own_process(part, name, which, str(path))
             print(f"{name:<8} {which:<5} " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                       for k, v in r.items()), flush=True)

@@ -7,6 +7,7 @@ torch's own DDP or FSDP2. The data of a step is split across ranks by `shard`; l
 global token count so N ranks compute exactly the update of one process with the same global batch.
 Checkpoints hold full (gathered) tensors keyed by name, so a run resumes on any number of ranks.
 """
+import ctypes
 import os
 from dataclasses import dataclass
 
@@ -31,6 +32,8 @@ def setup(device: str | None) -> Dist:
     """Join the torchrun group if there is one; pick this process's device (cuda:LOCAL_RANK under torchrun)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    if not cuda:
+        map_large_allocations()
     if world == 1:
         return Dist(0, 1, device or ("cuda" if cuda else "cpu"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -39,6 +42,24 @@ def setup(device: str | None) -> Dist:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     return Dist(dist.get_rank(), dist.get_world_size(), f"cuda:{local}" if cuda else "cpu")
+
+
+def map_large_allocations(threshold: int = 8 << 20) -> bool:
+    """Have glibc give every block over `threshold` bytes its own mapping, returned to the OS when freed.
+
+    Why: CPU tensors live in malloc'd memory, and glibc raises its mmap threshold (up to 32 MB) whenever a mapped
+    block is freed; from then on activation-sized tensors come from the heap, which fragments and is not given
+    back. Measured on a 3B-wide SFT step with gradient checkpointing: the process grew ~0.1 GiB per decoder layer
+    beyond the live tensors (~3.6 GiB over 36 layers); with a fixed 8 MB threshold only by the checkpoints (its
+    11 MB hidden states are mapped). Each mapping costs page faults: at 1 MB the demo's SFT step (smaller tensors)
+    ran 25% slower, at 8 MB within noise. False (and nothing changed) where the C library is not glibc.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    M_MMAP_THRESHOLD = -3  # glibc's <malloc.h>; setting it also turns off the dynamic adjustment
+    return bool(mallopt(M_MMAP_THRESHOLD, threshold))
 
 
 def shard(items: list, d: Dist) -> list:
