@@ -9,6 +9,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from queue import Empty
 
 import torch
 
@@ -110,6 +111,12 @@ def in_own_process(target, *args):
     queue = ctx.Queue()
     p = ctx.Process(target=target, args=(*args, queue))
     p.start()
-    result = queue.get()
+    while True:  # poll, so a child killed by the OOM killer is reported instead of waited for forever
+        try:
+            result = queue.get(timeout=5)
+            break
+        except Empty:
+            if not p.is_alive():
+                return {"failed": f"the measuring process died (exit code {p.exitcode}; -9: killed, e.g. out of memory)"}
     p.join()
     return result

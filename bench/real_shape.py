@@ -218,7 +218,7 @@ def main():
             results[name, which] = r = in_own_process(part, name, which, str(path))
             print(f"{name:<8} {which:<5} " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                       for k, v in r.items()), flush=True)
-    if ("load", "mmr5") in results:
+    if "peak_gib" in results.get(("load", "mmr5"), {}):
         r = results["load", "mmr5"]
         print(f"mmr5 load peak / loaded weights: {r['peak_gib'] / r['weights_gib']:.2f}")
 

@@ -1,0 +1,130 @@
+"""Can a critic predict the returns of a policy's rollouts? Value pretraining on frozen rollouts, held-out EV.
+
+Samples rollouts from one policy (temperature 1, n per prompt), scores them with the fused reward, and fits a value
+function to the Monte-Carlo returns (GAE with lam = 1; no KL term: the policy is its own reference here):
+  head     the linear value head on the policy's (frozen) last hidden states, as `--critic shared` trains it
+  separate a whole copy of the model with its own head, as `--critic separate` trains it
+then prints, after every pass over the training rollouts, the explained variance on held-out rollouts (over all
+response tokens, and at the first one, where only the prompt is known) and the score variance within prompt groups.
+A critic with EV <= 0 gives GAE nothing a constant would not. Default: the built-in demo's SFT model.
+Usage: python bench/critic.py [--model DIR --train JSONL] [--critics head separate] [--rollouts 6]
+"""
+import argparse
+import copy
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from mmr5.data import read_samples  # noqa: E402
+from mmr5.model import Qwen2VL  # noqa: E402
+from mmr5.ppo import (PPOConfig, ValueHead, encode_pages, explained_variance, make_experience, masked_mean,  # noqa: E402
+                      response_forward)
+from mmr5.processor import Processor  # noqa: E402
+from mmr5.rewards import fused_reward  # noqa: E402
+from mmr5.sampler import generate  # noqa: E402
+
+
+def rollouts(policy, processor, train, count, prompts, n, max_new_tokens, rng, seed):
+    """`count` rollouts of `prompts` x `n` responses, each turned into an Experience with lam = 1 returns."""
+    cfg = PPOConfig(advantage="gae", lam=1.0, micro_batch_size=16)
+    out = []
+    for i in range(count):
+        samples = rng.sample(train, prompts)
+        batch = processor.rerank_inputs([s.query for s in samples], [s.images for s in samples])
+        with torch.no_grad():
+            pages = encode_pages(policy, batch)
+            batch["image_features"] = torch.cat(pages[0])
+            rollout = generate(policy, processor, batch, max_new_tokens, temperature=1.0, n=n,
+                               generator=torch.Generator().manual_seed(seed + i))
+            scores = torch.tensor([fused_reward(t, samples[r // n].positives, len(samples[r // n].images))["reward"]
+                                   for r, t in enumerate(rollout.texts)])
+            out.append(make_experience(policy, batch, pages, rollout, scores, n, cfg, 0.0))
+    return out
+
+
+def evaluate(model, exps) -> tuple[float, float]:
+    """Held-out explained variance over all response tokens and at the first response token."""
+    values, returns, masks = [], [], []
+    with torch.no_grad():
+        for e in exps:
+            for rows in torch.arange(len(e.scores)).split(16):
+                values.append(response_forward(model, e, rows, logprobs=False, values=True)[2])
+                returns.append(e.returns[rows])
+                masks.append(e.mask[rows].float())
+    T = max(v.shape[1] for v in values)
+    v, r, m = (torch.cat([torch.nn.functional.pad(x, (0, T - x.shape[1])) for x in xs])
+               for xs in (values, returns, masks))
+    first = torch.zeros_like(m)
+    first[:, 0] = m[:, 0]
+    return explained_variance(v, r, m), explained_variance(v, r, first)
+
+
+def fit(name, model, params, lr, passes, train_exps, test_exps, minibatch=48, micro=16):
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    t0 = time.time()
+    for p in range(passes):
+        model.train()
+        for e in train_exps:
+            for rows in torch.randperm(len(e.scores)).split(minibatch):
+                tokens = e.mask[rows].sum()
+                for sub in rows.split(micro):
+                    v = response_forward(model, e, sub, logprobs=False, values=True)[2]
+                    m = e.mask[sub].float()
+                    (0.5 * masked_mean((v - e.returns[sub]) ** 2, m) * m.sum() / tokens).backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        model.eval()
+        ev_all, ev_first = evaluate(model, test_exps)
+        print(f"{name:<9} lr {lr:g}  pass {p + 1}  ({time.time() - t0:4.0f} s)  held-out EV: all tokens "
+              f"{ev_all:+.3f}, first token {ev_first:+.3f}", flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="runs/demo/sft/model", help="the policy (default: the demo's SFT model)")
+    p.add_argument("--train", default="runs/demo/data/train.jsonl", help="prompts to roll out (JSONL)")
+    p.add_argument("--critics", nargs="+", default=["head", "separate"], choices=["head", "separate"])
+    p.add_argument("--head-lrs", nargs="+", type=float, default=[1e-3, 1e-2], help="learning rates of the head")
+    p.add_argument("--separate-lr", type=float, default=3e-4, help="learning rate of the separate critic")
+    p.add_argument("--rollouts", type=int, default=6, help="training rollouts (2 more are held out)")
+    p.add_argument("--prompts", type=int, default=24, help="prompts per rollout")
+    p.add_argument("--samples", type=int, default=4, help="responses per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--passes", type=int, default=4, help="passes over the training rollouts")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    if not Path(args.model, "config.json").exists():
+        sys.exit(f"error: no model at {args.model} (run `python train_sft.py` for the demo's, or pass --model)")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    policy = Qwen2VL.from_pretrained(args.model).eval()
+    policy.value_head = ValueHead(policy.config.text.hidden_size)
+    processor = Processor.from_pretrained(args.model)
+    train = read_samples(args.train)
+    rng = random.Random(0)
+    t0 = time.time()
+    train_exps = rollouts(policy, processor, train, args.rollouts, args.prompts, args.samples, args.max_new_tokens,
+                          rng, 100)
+    test_exps = rollouts(policy, processor, train, 2, args.prompts, args.samples, args.max_new_tokens, rng, 900)
+    scores = torch.cat([e.scores for e in train_exps + test_exps]).view(-1, args.samples)
+    within = scores.var(1, unbiased=False).mean() / scores.var(unbiased=False)
+    print(f"{len(scores) * args.samples} responses in {time.time() - t0:.0f} s: mean score {scores.mean():.3f}, "
+          f"{100 * within:.0f}% of its variance within prompt groups")
+    for critic in args.critics:
+        if critic == "head":
+            for lr in args.head_lrs:
+                policy.value_head = ValueHead(policy.config.text.hidden_size)
+                fit("head", policy, list(policy.value_head.parameters()), lr, args.passes, train_exps, test_exps)
+        else:
+            model = copy.deepcopy(policy)
+            model.value_head = ValueHead(policy.config.text.hidden_size)
+            fit("separate", model, list(model.parameters()), args.separate_lr, args.passes, train_exps, test_exps)
+
+
+if __name__ == "__main__":
+    main()
