@@ -53,12 +53,12 @@ UNDERTRAINED_STEPS = 150  # held-out R@1 0.49 (the full demo: 0.89); its samples
 # rerank stays at or below its start (0.591 -> 0.58 / 0.57 at steps 10 / 20 with critic lr 2e-4; 0.53 with a 3-step
 # critic warm-up; 0.56 with lam 1.0 and a near-constant critic; 0.52 with lam 1.0 and no value clip; 0.60 / 0.60 /
 # 0.63 at steps 10 / 20 / 30 with lam 1.0 and k3 in the loss as GRPO), while the critic's explained variance stays
-# <= 0. The critic is the limit, measured offline (rollouts of the 150-step model, Monte-Carlo returns, 4 passes over
-# 576 responses, 192 held out): held-out explained variance -0.09 .. -0.37 for the linear head on the policy's states
-# (lr 1e-3 and 1e-2) and 0.0002 for a whole separate critic model (lr 3e-4): neither predicts whether the per-image
-# checks were right. With such a critic, lam 0.95 passes the final reward only to the last ~20 of ~100 response
+# <= 0. The critic is the limit, measured offline with bench/critic.py (rollouts of the 150-step model, Monte-Carlo
+# returns, 4 passes over 576 responses, 192 held out): held-out explained variance -0.06 .. -0.37 for the linear head
+# on the policy's states (lr 1e-3 and 1e-2) and 0.000 for a whole separate critic model (lr 3e-4): neither predicts
+# whether the per-image checks were right. With such a critic, lam 0.95 passes the final reward only to the last ~20 of ~100 response
 # tokens (0.95^20 = 0.36), not to the checks that decide the ranking; lam 1.0 leaves a batch-mean baseline that keeps
-# the 23% of the score variance lying between prompts, which GRPO's per-group baseline removes (our reading).
+# the 23-30% of the score variance lying between prompts, which GRPO's per-group baseline removes (our reading).
 # GRPO meets the bar: 0.591 -> 0.698 at the demo's 30 steps (+0.107, format 0.944 -> 0.997, 8 min 50 s).
 # The gae case stays a real check that fails if run (strict=False: a pass shows as XPASS).
 @pytest.mark.parametrize("advantage", [
