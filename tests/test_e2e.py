@@ -52,7 +52,8 @@ UNDERTRAINED_STEPS = 150  # held-out R@1 0.49 (the full demo: 0.89); its samples
 # GAE does not meet the bar yet (2026-11-25, 2 cores): from the 150-step SFT model, at the demo's settings, held-out
 # rerank stays at or below its start (0.591 -> 0.58 / 0.57 at steps 10 / 20 with critic lr 2e-4; 0.53 with a 3-step
 # critic warm-up; 0.56 with lam 1.0 and a near-constant critic; 0.52 with lam 1.0 and no value clip; 0.60 / 0.60 /
-# 0.63 at steps 10 / 20 / 30 with lam 1.0 and k3 in the loss as GRPO), while the critic's explained variance stays
+# 0.63 at steps 10 / 20 / 30 with lam 1.0 and k3 in the loss as GRPO; 0.58 / 0.60 / 0.66 with that and a
+# near-constant critic, critic lr 1e-5: the best so far), while the critic's explained variance stays
 # <= 0. The critic is the limit, measured offline with bench/critic.py (rollouts of the 150-step model, Monte-Carlo
 # returns, 4 passes over 576 responses, 192 held out): held-out explained variance -0.06 .. -0.37 for the linear head
 # on the policy's states (lr 1e-3 and 1e-2) and 0.000 for a whole separate critic model (lr 3e-4): neither predicts
