@@ -17,15 +17,15 @@ import time
 from pathlib import Path
 
 import torch
+from common import setup_threads
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from mmr5.data import read_samples  # noqa: E402
-from mmr5.model import Qwen2VL  # noqa: E402
-from mmr5.ppo import (PPOConfig, ValueHead, encode_pages, explained_variance, make_experience, masked_mean,  # noqa: E402
+from mmr5.data import read_samples
+from mmr5.model import Qwen2VL
+from mmr5.ppo import (PPOConfig, ValueHead, encode_pages, explained_variance, make_experience, masked_mean,
                       response_forward)
-from mmr5.processor import Processor  # noqa: E402
-from mmr5.rewards import fused_reward  # noqa: E402
-from mmr5.sampler import generate  # noqa: E402
+from mmr5.processor import Processor
+from mmr5.rewards import fused_reward
+from mmr5.sampler import generate
 
 
 def rollouts(policy, processor, train, count, prompts, n, max_new_tokens, rng, seed):
@@ -96,11 +96,10 @@ def main():
     p.add_argument("--samples", type=int, default=4, help="responses per prompt")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--passes", type=int, default=4, help="passes over the training rollouts")
-    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     if not Path(args.model, "config.json").exists():
         sys.exit(f"error: no model at {args.model} (run `python train_sft.py` for the demo's, or pass --model)")
-    torch.set_num_threads(args.threads)
+    setup_threads()  # THREADS, default 2, as every benchmark
     torch.manual_seed(0)
     policy = Qwen2VL.from_pretrained(args.model).eval()
     policy.value_head = ValueHead(policy.config.text.hidden_size)
