@@ -3,7 +3,9 @@
 (a) 4 prompts x 1 sample; (b) 4 prompts x 4 samples (HF is given each prompt 4 times, as its generate
 recomputes the prompt per sample). 5 pages of ~300x220 px per prompt, 64 new tokens forced (no stop), sampling at
 temperature 1. Targets on CPU fp32, 2 threads: tiny >= 2x (a) and >= 3x (b); ~100M >= 1.3x on both.
-Usage: python bench/rollout.py [--sizes tiny 100m] [--device cuda --dtype bfloat16]
+`--compile` adds mmr5 with `generate(compile=True)` (static-shape decode under torch.compile; its one-off
+compilation is timed apart, in a warm-up run, and printed); HF runs its default eager generate in both.
+Usage: python bench/rollout.py [--sizes tiny 100m] [--compile] [--device cuda --dtype bfloat16]
 """
 import argparse
 from types import SimpleNamespace
@@ -22,6 +24,7 @@ def main():
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
     p.add_argument("--repeat", type=int, default=1, help="timed repetitions (median reported)")
+    p.add_argument("--compile", action="store_true", help="also time mmr5 with generate(compile=True)")
     args = p.parse_args()
     setup_threads()
     dtype = getattr(torch, args.dtype)
@@ -30,7 +33,8 @@ def main():
                            image_pad_id=SPECIAL["image_token_id"], vision_start_id=SPECIAL["vision_start_token_id"],
                            vision_end_id=SPECIAL["vision_end_token_id"])
     print(f"device {args.device}, dtype {args.dtype}, threads {torch.get_num_threads()}, {NEW} new tokens")
-    print(f"{'size':<6} {'case':<12} {'HF tok/s':>9} {'mmr5 tok/s':>11} {'mmr5/HF':>8}")
+    extra = f" {'compiled tok/s':>15} {'compiled/HF':>12} {'compile s':>10}" if args.compile else ""
+    print(f"{'size':<6} {'case':<12} {'HF tok/s':>9} {'mmr5 tok/s':>11} {'mmr5/HF':>8}{extra}")
     for size in args.sizes:
         ref, ours = models(size, dtype)
         ref, ours = ref.to(args.device), ours.to(args.device)
@@ -48,15 +52,20 @@ def main():
                                        top_p=1.0, temperature=1.0, pad_token_id=0, eos_token_id=None)
                 assert out.shape[1] == hf_in["input_ids"].shape[1] + NEW
 
-            def run_ours():
-                r = generate(ours, proc, batch, max_new_tokens=NEW, temperature=1.0, n=n, stop_ids=[])
+            def run_ours(compile=False):
+                r = generate(ours, proc, batch, max_new_tokens=NEW, temperature=1.0, n=n, stop_ids=[], compile=compile)
                 assert int(r.mask.sum()) == 4 * n * NEW
 
             warmup = 1 if size == "tiny" else 0
             t_hf = timeit(run_hf, args.repeat, warmup)
             t_ours = timeit(run_ours, args.repeat, warmup)
             tokens = 4 * n * NEW
-            print(f"{size:<6} {f'4 x {n} sample':<12} {tokens / t_hf:>9.1f} {tokens / t_ours:>11.1f} {t_hf / t_ours:>8.2f}")
+            row = f"{size:<6} {f'4 x {n} sample':<12} {tokens / t_hf:>9.1f} {tokens / t_ours:>11.1f} {t_hf / t_ours:>8.2f}"
+            if args.compile:
+                t_compile = timeit(lambda: run_ours(True), 1, 0)  # the first call builds the graph
+                t_comp = timeit(lambda: run_ours(True), args.repeat, 0)
+                row += f" {tokens / t_comp:>15.1f} {t_hf / t_comp:>12.2f} {t_compile - t_comp:>10.1f}"
+            print(row, flush=True)
 
 
 if __name__ == "__main__":

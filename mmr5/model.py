@@ -380,7 +380,9 @@ class VisionTransformer(nn.Module):
 class KVCache:
     """Pre-allocated keys and values, one [batch, kv_heads, max_len, head_dim] pair per layer.
 
-    `seen` counts the positions already written; a forward with T new tokens writes [seen, seen + T).
+    `seen` counts the positions already written; a forward with T new tokens writes [seen, seen + T). When `index`
+    (a tensor of T positions) is set, the new keys and values are written there instead and attention reads every
+    slot, masked: shapes then never change from step to step, which torch.compile and CUDA graphs need.
     """
 
     def __init__(self, cfg: TextConfig, batch: int, max_len: int, dtype, device):
@@ -389,6 +391,7 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.seen = 0
+        self.index = None
 
     @property
     def max_len(self) -> int:
@@ -399,7 +402,7 @@ class KVCache:
         new = object.__new__(KVCache)
         new.k = [k.repeat_interleave(n, dim=0) for k in self.k]
         new.v = [v.repeat_interleave(n, dim=0) for v in self.v]
-        new.seen = self.seen
+        new.seen, new.index = self.seen, None
         return new
 
     def select(self, rows: torch.Tensor) -> "KVCache":
@@ -407,7 +410,7 @@ class KVCache:
         new = object.__new__(KVCache)
         new.k = [k[rows] for k in self.k]
         new.v = [v[rows] for v in self.v]
-        new.seen = self.seen
+        new.seen, new.index = self.seen, None
         return new
 
 
@@ -428,7 +431,11 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.kv_heads, self.hd).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.kv_heads, self.hd).transpose(1, 2)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin  # cos/sin: [B, 1, T, hd]
-        if cache is not None:
+        if cache is not None and cache.index is not None:  # static shapes: write at `index`, read every slot
+            cache.k[self.layer].index_copy_(2, cache.index, k)
+            cache.v[self.layer].index_copy_(2, cache.index, v)
+            k, v = cache.k[self.layer], cache.v[self.layer]
+        elif cache is not None:
             end = cache.seen + T
             cache.k[self.layer][:, :, cache.seen:end] = k
             cache.v[self.layer][:, :, cache.seen:end] = v
@@ -621,6 +628,16 @@ class Qwen2VL(nn.Module):
         if logits_to_keep is None:
             return Output(None, h)
         return Output(self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h), h)
+
+    def decode_step(self, input_ids, position_ids, key_mask, cache: KVCache) -> torch.Tensor:
+        """Next-token logits [B, vocab] for one new token per row, written at `cache.index`; `key_mask` [B, max_len]
+        marks the slots each row may read (its prompt and the tokens decoded so far, this one included).
+
+        Every shape is the same at every step (gpt-fast's static cache), so `torch.compile` builds one graph for the
+        whole decode instead of one per key length. Only the sampler's `compile=True` path uses it.
+        """
+        h = self.model(self.model.embed_tokens(input_ids), position_ids, key_mask[:, None, None, :], cache)
+        return self.lm_head(h[:, -1])
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu") -> "Qwen2VL":

@@ -64,8 +64,11 @@ def generate(model: Qwen2VL, processor, batch: dict, max_new_tokens: int, temper
     """Sample `n` responses per prompt of a left-padded `batch` (as `Processor.rerank_inputs` builds it; an
     `image_features` entry, the vision tower's output, is used instead of running it on `pixel_values`).
 
-    Vision placeholder tokens are never generated (HF's generate may emit them). Greedy when temperature == 0. `stop_ids` defaults to `<|im_end|>` and `<|endoftext|>` ([] never stops). The generator (on the
-    model's device) makes sampling reproducible. `compile=True` wraps the decode step in torch.compile (for GPUs).
+    Vision placeholder tokens are never generated (HF's generate may emit them). Greedy when temperature == 0.
+    `stop_ids` defaults to `<|im_end|>` and `<|endoftext|>` ([] never stops). The generator (on the model's device)
+    makes sampling reproducible. `compile=True` decodes with `Qwen2VL.decode_step` under torch.compile: static
+    shapes (the cache rounded up to a multiple of 128 slots, read whole and masked; every row decodes to the end), so
+    a graph is built once per batch shape (~30 s on a CPU) and reused while prompts stay in that length bucket.
     `keep_going(any_row_active) -> bool` lets FSDP ranks agree to decode until every rank is done (their forwards
     are collectives, so all must take the same number of steps).
     """
@@ -85,9 +88,10 @@ def generate(model: Qwen2VL, processor, batch: dict, max_new_tokens: int, temper
         pixel_values = pixel_values.to(device, non_blocking=True)
     B, L = input_ids.shape
 
-    # Prefill once per prompt; the cache holds exactly prompt + max_new_tokens positions.
+    # Prefill once per prompt; the cache holds prompt + max_new_tokens positions (compiled: rounded up).
     positions, deltas = model.rope_positions(input_ids, attention_mask, grid)
-    cache = KVCache(model.config.text, B, L + max_new_tokens, dtype, device)
+    size = -(-(L + max_new_tokens) // 128) * 128 if compile else L + max_new_tokens
+    cache = KVCache(model.config.text, B, size, dtype, device)
     logits = model(input_ids, attention_mask, pixel_values, grid, position_ids=positions, cache=cache,
                    logits_to_keep=1, image_features=batch.get("image_features")).logits[:, -1].float()
     next_position = attention_mask.sum(1) + deltas  # position of the first generated token, per row
@@ -103,8 +107,12 @@ def generate(model: Qwen2VL, processor, batch: dict, max_new_tokens: int, temper
     model_logprobs = torch.zeros(R, max_new_tokens, device=device)
     finished = torch.zeros(R, dtype=torch.bool, device=device)
     rows = torch.arange(R, device=device)  # the rows still decoding, as indices into the outputs
-    keys = torch.cat([attention_mask, torch.ones(R, max_new_tokens, dtype=attention_mask.dtype, device=device)], 1)
-    step_fn = torch.compile(model, dynamic=True) if compile else model
+    if compile:  # static shapes: every row runs every step over the whole cache, so one graph serves the decode
+        keys = torch.cat([attention_mask.bool(), torch.zeros(R, size - L, dtype=torch.bool, device=device)], 1)
+        slots = torch.arange(L, L + max_new_tokens, device=device)
+        step_fn = torch.compile(model.decode_step, dynamic=False)
+    else:
+        keys = torch.cat([attention_mask, torch.ones(R, max_new_tokens, dtype=attention_mask.dtype, device=device)], 1)
 
     for step in range(max_new_tokens):
         token, logp, model_logp = pick(logits, temperature, top_k, top_p, generator, banned)
@@ -121,13 +129,18 @@ def generate(model: Qwen2VL, processor, batch: dict, max_new_tokens: int, temper
             any_active = bool(active.any())
             if not (keep_going(any_active) if keep_going else any_active):
                 break
-            if any_active and not bool(active.all()):
+            if not compile and any_active and not bool(active.all()):
                 keep = active.nonzero()[:, 0]
                 rows, cache, next_position = rows[keep], cache.select(keep), next_position[keep]
                 token = token[keep]
         position = (next_position + step).view(1, -1, 1).expand(3, -1, 1)
-        logits = step_fn(token[:, None], keys[rows, : L + step + 1], position_ids=position, cache=cache,
-                         logits_to_keep=1).logits[:, -1].float()
+        if compile:
+            keys[:, L + step] = True
+            cache.index = slots[step:step + 1]
+            logits = step_fn(token[:, None], position, keys, cache).float()
+        else:
+            logits = model(token[:, None], keys[rows, : L + step + 1], position_ids=position, cache=cache,
+                           logits_to_keep=1).logits[:, -1].float()
 
     texts = [processor.decode(t[m].tolist()) for t, m in zip(tokens.cpu(), mask.cpu())]
     return Rollout(tokens, mask, logprobs, model_logprobs, texts, finished)

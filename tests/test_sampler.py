@@ -155,3 +155,35 @@ def test_bad_settings_are_refused(tiny_model_dirs):
     for kw in (dict(max_new_tokens=0), dict(temperature=-1.0), dict(top_p=0.0), dict(n=0)):
         with pytest.raises(ValueError):
             generate(model, proc, batch, **{"max_new_tokens": 4, **kw})
+
+
+def test_static_decode_path_equals_the_eager_one(tiny_model_dirs, monkeypatch):
+    """`compile=True`'s static-shape decode (whole cache read under a mask, stopped rows kept) gives the eager
+    path's tokens and log-probs; torch.compile itself is replaced by the identity here (the slow test compiles)."""
+    model, proc = load(tiny_model_dirs["qwen2_5_vl"])
+    batch = rerank_batch(proc)
+    free = generate(model, proc, batch, max_new_tokens=20, temperature=0.0)
+    seqs = free.tokens.tolist()
+    stop = next(t for t in seqs[2][3:] + seqs[0][3:] if any(t not in s for s in seqs))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    for kw in (dict(temperature=0.0, stop_ids=[stop], check_every=3),  # rows stop at different steps
+               dict(temperature=1.0, stop_ids=[], n=2)):  # no stops: both paths draw for the same rows
+        eager = generate(model, proc, batch, max_new_tokens=20, generator=torch.Generator().manual_seed(3), **kw)
+        static = generate(model, proc, batch, max_new_tokens=20, generator=torch.Generator().manual_seed(3),
+                          compile=True, **kw)
+        assert torch.equal(static.tokens, eager.tokens) and torch.equal(static.mask, eager.mask)
+        assert torch.equal(static.finished, eager.finished)
+        assert (static.model_logprobs - eager.model_logprobs).abs().max() <= 1e-5
+        if kw["stop_ids"]:
+            assert eager.finished.any() and not eager.finished.all()
+
+
+@pytest.mark.slow
+def test_compiled_decode_equals_the_eager_one(tiny_model_dirs):
+    """The real torch.compile of `Qwen2VL.decode_step` (one graph for every step) decodes what eager does."""
+    model, proc = load(tiny_model_dirs["qwen2_vl"])
+    batch = rerank_batch(proc)
+    eager = generate(model, proc, batch, max_new_tokens=40, temperature=0.0)
+    compiled = generate(model, proc, batch, max_new_tokens=40, temperature=0.0, compile=True)
+    assert torch.equal(compiled.tokens, eager.tokens) and torch.equal(compiled.mask, eager.mask)
+    assert (compiled.model_logprobs - eager.model_logprobs).abs().max() <= 1e-4
