@@ -33,9 +33,14 @@ from mmr5.sft import sample_order
 
 # Many prompts per step is what makes held-out reward rise (measured: 24 prompts x 4 samples, GRPO, 30 steps from a
 # 150-step SFT model: held-out rerank 0.59 -> 0.70 in ~9 min on 2 cores; with 8 prompts per step the same lr memorises
-# and held-out falls).
-DEMO = dict(out="runs/demo/ppo", steps=30, prompts_per_step=24, samples=4, lr=1e-4, max_new_tokens=128,
-            eval_every=10, eval_max_new_tokens=128, save_every=5, minibatch_size=48, micro_batch_size=16)
+# and held-out falls). PPO's critic settings for the demo, measured from that model (tests/test_e2e.py, bench/critic.py):
+# no value head we trained predicts this task's returns (held-out explained variance <= 0), so lam = 1 (every token
+# gets the whole final reward minus its value, as Open-Reasoner-Zero and VC-PPO use for long reasoning; at 0.95 the
+# checks that decide the ranking get < 0.36 of it) with k3 in the loss, and a value head learning at 1e-5, which
+# stays near its zero init: a learning one (1e-3) only added noise (held-out rerank 0.687 vs 0.748 at step 45).
+DEMO = dict(out="runs/demo/ppo", steps=45, prompts_per_step=24, samples=4, lr=1e-4, max_new_tokens=128,
+            eval_every=15, eval_max_new_tokens=128, save_every=5, minibatch_size=48, micro_batch_size=16,
+            lam=1.0, kl_in="loss", critic_lr=1e-5)
 DEMO_SFT = "runs/demo/sft"
 RUN_IDENTITY = ("model", "train", "prompts_per_step", "samples", "lora_rank", "lora_alpha", "lora_targets", "critic",
                 "advantage", "seed")
@@ -43,7 +48,9 @@ CURVES = ["reward", "rerank", "format", "kl", "value_loss", "explained_variance"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    demo_flags = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO.items())
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog=f"The built-in demo replaces these defaults (flags you give win): {demo_flags}")
     io = p.add_argument_group("inputs and outputs (all four unset: the built-in demo)")
     io.add_argument("--model", help="local HF-layout checkpoint to start from (an SFT output)")
     io.add_argument("--train", help="training JSONL (mmr5 format; no `response` needed)")
