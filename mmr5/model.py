@@ -425,12 +425,22 @@ class Attention(nn.Module):
         self.v_proj = Linear(cfg.hidden_size, self.kv_heads * self.hd, bias=True)
         self.o_proj = Linear(self.heads * self.hd, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, keep: int | None = None):
+        """Self-attention; with `keep`, keys and values for all T positions but queries (and so outputs) for the
+        last `keep` only."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.heads, self.hd).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.kv_heads, self.hd).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.kv_heads, self.hd).transpose(1, 2)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin  # cos/sin: [B, 1, T, hd]
+        k = k * cos + rotate_half(k) * sin  # cos/sin: [B, 1, T, hd]
+        Q = T
+        if keep:
+            x, cos, sin, Q = x[:, -keep:], cos[:, :, -keep:], sin[:, :, -keep:], keep
+            if mask is None:  # the last `keep` queries of a plain causal sequence
+                mask = attention_mask_4d(torch.ones(B, T, dtype=torch.bool, device=x.device), keep)
+            else:
+                mask = mask[:, :, -keep:]
+        q = self.q_proj(x).view(B, Q, self.heads, self.hd).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
         if cache is not None and cache.index is not None:  # static shapes: write at `index`, read every slot
             cache.k[self.layer].index_copy_(2, cache.index, k)
             cache.v[self.layer].index_copy_(2, cache.index, v)
@@ -444,7 +454,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(y.transpose(1, 2).reshape(B, Q, -1))
 
 
 class DecoderLayer(nn.Module):
@@ -455,8 +465,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache, keep: int | None = None):
+        """With `keep`, only the last `keep` positions come out (their keys and values still go to the cache)."""
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, keep)
+        x = (x[:, -keep:] if keep else x) + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -479,13 +491,18 @@ class TextModel(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)[:, None]
         return emb.cos().to(dtype), emb.sin().to(dtype)  # float32 math, cast to the model dtype as the reference
 
-    def forward(self, x, position_ids, mask, cache):
+    def forward(self, x, position_ids, mask, cache, keep: int | None = None):
+        """Final hidden states [B, T, hidden]; with `keep`, of the last `keep` positions only: the last layer then
+        runs its queries, output projection and MLP for them alone. Nothing else reads the last layer's other
+        outputs (the cache holds each layer's keys and values, made from that layer's input), so a prefill that
+        keeps one position's logits saves most of a layer (HF computes it for every position)."""
         cos, sin = self.mrope(position_ids, x.dtype)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            last = keep if i == len(self.layers) - 1 else None
             if self.gradient_checkpointing and self.training and cache is None:
-                x = checkpoint(layer, x, cos, sin, mask, None, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, None, last, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache)
+                x = layer(x, cos, sin, mask, cache, last)
         return self.norm(x)
 
 
@@ -554,7 +571,7 @@ def attention_mask_4d(attention_mask: torch.Tensor, q_len: int) -> torch.Tensor:
 
 class Output(NamedTuple):
     logits: torch.Tensor | None  # [B, L or logits_to_keep, vocab] (float as the model dtype)
-    hidden_states: torch.Tensor  # [B, L, hidden] after the final norm: what the value head reads
+    hidden_states: torch.Tensor  # [B, L or logits_to_keep, hidden] after the final norm: what the value head reads
 
 
 class Qwen2VL(nn.Module):
@@ -604,7 +621,8 @@ class Qwen2VL(nn.Module):
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                 position_ids=None, cache: KVCache | None = None, logits_to_keep: int | None = 0,
                 image_features=None) -> Output:
-        """Logits (all positions, the last `logits_to_keep`, or none when None) and final hidden states.
+        """Logits (all positions, the last `logits_to_keep`, or none when None) and final hidden states (of the
+        same positions: all of them when None).
 
         With a cache, `attention_mask` covers every position so far (cached + new), as in HF, and `position_ids`
         must be given for decoding steps (prefill + offset; see `rope_positions`).
@@ -622,12 +640,13 @@ class Qwen2VL(nn.Module):
             keys = attention_mask if attention_mask is not None else torch.ones(B, T + (cache.seen if cache else 0),
                                                                                 dtype=torch.bool, device=x.device)
             mask = attention_mask_4d(keys.to(x.device), T)
-        h = self.model(x, position_ids, mask, cache)
+        keep = logits_to_keep if logits_to_keep and logits_to_keep < T else None
+        h = self.model(x, position_ids, mask, cache, keep)
         if cache is not None:
             cache.seen += T
         if logits_to_keep is None:
             return Output(None, h)
-        return Output(self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h), h)
+        return Output(self.lm_head(h), h)
 
     def decode_step(self, input_ids, position_ids, key_mask, cache: KVCache) -> torch.Tensor:
         """Next-token logits [B, vocab] for one new token per row, written at `cache.index`; `key_mask` [B, max_len]

@@ -107,6 +107,30 @@ def test_text_only_and_unpadded(tiny_checkpoints):
         assert (ref(input_ids=ids).logits - ours(ids).logits).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("padded", [True, False])
+def test_logits_to_keep_equals_the_full_forward_tail(tiny_checkpoints, padded):
+    """With logits_to_keep = k the last layer runs only the last k positions (its other outputs feed nothing):
+    the logits, the hidden states and the cache it fills are those of a full forward, with and without padding."""
+    from mmr5.model import KVCache
+
+    model = Qwen2VL.from_pretrained(tiny_checkpoints["qwen2_5_vl", False])
+    batch = make_batch() if padded else make_batch(grids=GRIDS[:1])
+    L = batch["input_ids"].shape[1]
+    with torch.no_grad():
+        full = model(**batch)
+        full_cache = KVCache(model.config.text, len(batch["input_ids"]), L, torch.float32, "cpu")
+        model(**batch, cache=full_cache)
+        for k in (1, 3):
+            cache = KVCache(model.config.text, len(batch["input_ids"]), L, torch.float32, "cpu")
+            out = model(**batch, logits_to_keep=k, cache=cache)
+            assert out.logits.shape[1] == out.hidden_states.shape[1] == k
+            assert (out.logits - full.logits[:, -k:]).abs().max() <= 1e-5
+            assert (out.hidden_states - full.hidden_states[:, -k:]).abs().max() <= 1e-5
+            assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(cache.k + cache.v, full_cache.k + full_cache.v))
+            out = model(**batch, logits_to_keep=k)  # no cache: unpadded rows take SDPA's causal path
+            assert (out.logits - full.logits[:, -k:]).abs().max() <= 1e-5
+
+
 def test_kv_cache_decoding_matches_full_forward(tiny_checkpoints):
     """Prefill + token-by-token decoding with the per-row offset gives the logits of one full forward."""
     from mmr5.model import KVCache
