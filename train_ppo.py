@@ -37,7 +37,8 @@ from mmr5.sft import sample_order
 # no value head we trained predicts this task's returns (held-out explained variance <= 0), so lam = 1 (every token
 # gets the whole final reward minus its value, as Open-Reasoner-Zero and VC-PPO use for long reasoning; at 0.95 the
 # checks that decide the ranking get < 0.36 of it) with k3 in the loss, and a value head learning at 1e-5, which
-# stays near its zero init: a learning one (1e-3) only added noise (held-out rerank 0.687 vs 0.748 at step 45).
+# stays near its zero init: a learning one (1e-3) only added noise (held-out rerank 0.687 vs 0.748 at step 45, same
+# random stream).
 DEMO = dict(out="runs/demo/ppo", steps=45, prompts_per_step=24, samples=4, lr=1e-4, max_new_tokens=128,
             eval_every=15, eval_max_new_tokens=128, save_every=5, minibatch_size=48, micro_batch_size=16,
             lam=1.0, kl_in="loss", critic_lr=1e-5)

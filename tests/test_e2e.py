@@ -51,8 +51,9 @@ UNDERTRAINED_STEPS = 150  # held-out R@1 0.49 (the full demo: 0.89); its samples
 
 # Measured (2026-11-25, 2 cores) from the 150-step SFT model at the demo's settings (train_ppo.DEMO), held-out rerank
 # 0.591 at the start:
-# - PPO with the critic, the default: 0.601 / 0.661 / 0.748 at steps 15 / 30 / 45 (seed 0; seed 1: 0.641 / 0.707 /
-#   0.728), format 0.944 -> 0.998, 11 min 44 s. What it took: lam 1.0 and k3 in the loss, with a value head that
+# - PPO with the critic, the default: 0.628 / 0.671 / 0.720 at steps 15 / 30 / 45, format 0.944 -> 0.998, 11 min
+#   16 s; on torch.multinomial's random stream (the sampler before its exponential race) 0.601 / 0.661 / 0.748 (seed
+#   0) and 0.641 / 0.707 / 0.728 (seed 1). What it took: lam 1.0 and k3 in the loss, with a value head that
 #   stays near its zero init (critic lr 1e-5). No critic we trained predicts this task's returns (bench/critic.py:
 #   held-out explained variance -0.06 .. -0.37 for the head, 0.000 for a separate critic model), and with lam 0.95
 #   the final reward reaches the per-image checks that decide the ranking at < 0.36 of its size: every lam 0.95
