@@ -54,13 +54,15 @@ def test_logits_match_reference(tiny_checkpoints, version, tie):
 
 
 @pytest.mark.parametrize("version", ["qwen2_vl", "qwen2_5_vl"])
-def test_vision_tower_matches_reference(tiny_checkpoints, version):
+@pytest.mark.parametrize("grids", [GRIDS, [[[1, 8, 8], [1, 8, 8]], [[1, 8, 8]]]], ids=["sizes", "one-size"])
+def test_vision_tower_matches_reference(tiny_checkpoints, version, grids):
+    """Images of several sizes, and of one size (every full-attention segment equally long: the reshape path)."""
     from transformers import AutoModelForImageTextToText
 
     path = tiny_checkpoints[version, False]
     ref = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
     ours = Qwen2VL.from_pretrained(path)
-    batch = make_batch()
+    batch = make_batch(grids)
     with torch.no_grad():
         expected = torch.cat(ref.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output)
         got = ours.visual(batch["pixel_values"], batch["image_grid_thw"])
