@@ -72,7 +72,7 @@ def test_vision_tower_matches_reference(tiny_checkpoints, version, grids):
 
 def test_window_attention_is_exercised():
     """The 8x12-patch image (4x6 merged) with 2x2-token windows: 6 windows; the 10x10 one: 9, some partial."""
-    from mmr5.model import VisionConfig, vision_windows
+    from mmr5.vision import VisionConfig, vision_windows
 
     cfg = VisionConfig(window_size=56, patch_size=14, spatial_merge_size=2)
     index, lengths = vision_windows(torch.tensor([[1, 8, 12], [1, 10, 10]]), cfg)
@@ -220,7 +220,7 @@ def test_hf_model_helper_spreads_logits():
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_few_rows_path_matches_f_linear(shape, bias):
     """The decode-time (W @ x^T)^T path (few rows, big weight) gives F.linear's values and gradients."""
-    from mmr5.model import Linear
+    from mmr5.layers import Linear
 
     torch.manual_seed(0)
     layer = Linear(512, 1024, bias=bias)
