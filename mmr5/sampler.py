@@ -41,10 +41,18 @@ def sampling_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p:
     return logits
 
 
-def pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator,
+def race_noise(rows: int, vocab: int, temperature: float, generator, device) -> torch.Tensor | None:
+    """E ~ Exp(1) (as -log U) per row and token, for `pick`'s exponential race; None when greedy."""
+    if temperature == 0:
+        return None
+    return torch.rand((rows, vocab), generator=generator, device=device).log_().neg_()
+
+
+def pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, race: torch.Tensor | None,
          banned: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Next token per row from float32 logits [R, V] -> (token, sampling log-prob, model log-prob).
 
+    `race` is `race_noise`'s draw (drawn outside, so that a compiled step uses the eager path's random stream).
     `banned` ids are never picked: vision placeholders, which mean "an image goes here" and have none behind them.
     """
     model_logp = logits.log_softmax(-1)
@@ -55,7 +63,6 @@ def pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gen
     logp = sampling_logits(allowed, temperature, top_k, top_p).log_softmax(-1)
     # The exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) (= -log U) picks i with probability p_i. It is what
     # torch.multinomial does for one sample, at 2.5x less cost on a CPU (~80 vs 200 us for 4 x 1024 probabilities).
-    race = torch.rand(logp.shape, generator=generator, device=logp.device).log_().neg_()
     token = (logp.exp() / race).argmax(-1)
     return token, logp.gather(-1, token[:, None])[:, 0], model_logp.gather(-1, token[:, None])[:, 0]
 
@@ -114,12 +121,25 @@ def generate(model: Qwen2VL, processor, batch: dict, max_new_tokens: int, temper
         rows = slice(None)  # all rows, always: plain slices instead of index gathers and scatters
         keys = torch.cat([attention_mask.bool(), torch.zeros(R, size - L, dtype=torch.bool, device=device)], 1)
         slots = torch.arange(L, L + max_new_tokens, device=device)
-        step_fn = torch.compile(model.decode_step, dynamic=False)
+
+        def decode_and_pick(token, position, keys, cache, race):  # one graph: the forward and the sampling math
+            logits = model.decode_step(token[:, None], position, keys, cache).float()
+            return pick(logits, temperature, top_k, top_p, race, banned)
+
+        # On a CPU, inductor's C++ wrapper (no Python between kernels) and its autotuned GEMMs cut a small model's
+        # step by a quarter (tiny bench config: ~1.5 -> ~1.15 ms); GPUs keep the default options.
+        options = {"cpp_wrapper": True, "max_autotune": True} if device.type == "cpu" else None
+        step_fn = torch.compile(decode_and_pick, dynamic=False, options=options)
     else:
         keys = torch.cat([attention_mask, torch.ones(R, max_new_tokens, dtype=attention_mask.dtype, device=device)], 1)
 
+    vocab = model.config.text.vocab_size
     for step in range(max_new_tokens):
-        token, logp, model_logp = pick(logits, temperature, top_k, top_p, generator, banned)
+        race = race_noise(len(token) if step else R, vocab, temperature, generator, device)
+        if compile and step:
+            token, logp, model_logp = step_fn(token, position, keys, cache, race)
+        else:
+            token, logp, model_logp = pick(logits, temperature, top_k, top_p, race, banned)
         done = finished[rows]
         tokens[rows, step] = torch.where(done, processor.pad_id, token)
         mask[rows, step] = ~done
@@ -140,8 +160,7 @@ def generate(model: Qwen2VL, processor, batch: dict, max_new_tokens: int, temper
         position = (next_position + step).view(1, -1, 1).expand(3, -1, 1)
         if compile:
             keys[:, L + step] = True
-            cache.index = slots[step:step + 1]
-            logits = step_fn(token[:, None], position, keys, cache).float()
+            cache.index = slots[step:step + 1]  # the next iteration's step_fn decodes and picks
         else:
             logits = model(token[:, None], keys[rows, : L + step + 1], position_ids=position, cache=cache,
                            logits_to_keep=1).logits[:, -1].float()

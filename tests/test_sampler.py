@@ -180,10 +180,15 @@ def test_static_decode_path_equals_the_eager_one(tiny_model_dirs, monkeypatch):
 
 @pytest.mark.slow
 def test_compiled_decode_equals_the_eager_one(tiny_model_dirs):
-    """The real torch.compile of `Qwen2VL.decode_step` (one graph for every step) decodes what eager does."""
+    """The real torch.compile of the decode step (model forward and sampling, one graph for every step) decodes what
+    eager does."""
     model, proc = load(tiny_model_dirs["qwen2_vl"])
     batch = rerank_batch(proc)
-    eager = generate(model, proc, batch, max_new_tokens=40, temperature=0.0)
-    compiled = generate(model, proc, batch, max_new_tokens=40, temperature=0.0, compile=True)
-    assert torch.equal(compiled.tokens, eager.tokens) and torch.equal(compiled.mask, eager.mask)
-    assert (compiled.model_logprobs - eager.model_logprobs).abs().max() <= 1e-4
+    for temperature in (0.0, 1.0):  # greedy, and sampling from the same random stream
+        eager = generate(model, proc, batch, max_new_tokens=40, temperature=temperature,
+                         generator=torch.Generator().manual_seed(5))
+        compiled = generate(model, proc, batch, max_new_tokens=40, temperature=temperature, compile=True,
+                            generator=torch.Generator().manual_seed(5))
+        assert torch.equal(compiled.tokens, eager.tokens) and torch.equal(compiled.mask, eager.mask)
+        assert (compiled.model_logprobs - eager.model_logprobs).abs().max() <= 1e-4
+        assert (compiled.logprobs - eager.logprobs).abs().max() <= 1e-4
