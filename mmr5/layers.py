@@ -55,7 +55,10 @@ class GatedMLP(nn.Module):
         self.act = ACTIVATIONS[act]
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.act is F.silu and not torch.is_grad_enabled():  # inference: in place, no [tokens, hidden] temporaries
+            return self.down_proj(F.silu(gate, inplace=True).mul_(up))
+        return self.down_proj(self.act(gate) * up)
 
 
 class MLP(nn.Module):

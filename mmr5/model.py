@@ -225,8 +225,8 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, mask, cache, keep: int | None = None, starts=None):
         """With `keep`, only the last `keep` positions come out (their keys and values still go to the cache)."""
         h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, keep, starts)
-        x = (x[:, -keep:] if keep else x) + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = h.add_(x[:, -keep:] if keep else x)  # residuals added into the fresh branch outputs, as in the vision
+        return self.mlp(self.post_attention_layernorm(x)).add_(x)
 
 
 class TextModel(nn.Module):

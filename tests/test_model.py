@@ -54,6 +54,33 @@ def test_logits_match_reference(tiny_checkpoints, version, tie):
 
 
 @pytest.mark.parametrize("version", ["qwen2_vl", "qwen2_5_vl"])
+def test_gradients_match_reference(tiny_checkpoints, version):
+    """Training goes through the same forward (residuals added in place, among others): a loss on the real positions'
+    logits gives HF's gradients in the vision tower, the language model and the head."""
+    from transformers import AutoModelForImageTextToText
+
+    path = tiny_checkpoints[version, False]
+    ref = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).train()
+    ours = Qwen2VL.from_pretrained(path).train()
+    batch = make_batch()
+    valid = batch["attention_mask"].bool()
+    mm = (batch["input_ids"] == SPECIAL["image_token_id"]).int()
+    ref(**batch, mm_token_type_ids=mm).logits[valid].pow(2).mean().backward()
+    ours(**batch).logits[valid].pow(2).mean().backward()
+    pairs = {"patch embed": (ref.model.visual.patch_embed.proj, ours.visual.patch_embed.proj),
+             "vision block 0": (ref.model.visual.blocks[0].mlp.fc1 if version == "qwen2_vl" else
+                                ref.model.visual.blocks[0].mlp.gate_proj,
+                                ours.visual.blocks[0].mlp.fc1 if version == "qwen2_vl" else ours.visual.blocks[0].mlp.gate_proj),
+             "vision qkv": (ref.model.visual.blocks[-1].attn.qkv, ours.visual.blocks[-1].attn.qkv),
+             "text layer 0": (ref.model.language_model.layers[0].mlp.up_proj, ours.model.layers[0].mlp.up_proj),
+             "text last q": (ref.model.language_model.layers[-1].self_attn.q_proj, ours.model.layers[-1].self_attn.q_proj),
+             "head": (ref.lm_head, ours.lm_head)}
+    for name, (a, b) in pairs.items():
+        assert a.weight.grad.abs().max() > 0, name
+        assert (a.weight.grad - b.weight.grad).abs().max() <= 1e-4 * max(1.0, a.weight.grad.abs().max().item()), name
+
+
+@pytest.mark.parametrize("version", ["qwen2_vl", "qwen2_5_vl"])
 @pytest.mark.parametrize("grids", [GRIDS, [[[1, 8, 8], [1, 8, 8]], [[1, 8, 8]]]], ids=["sizes", "one-size"])
 def test_vision_tower_matches_reference(tiny_checkpoints, version, grids):
     """Images of several sizes, and of one size (every full-attention segment equally long: the reshape path)."""
