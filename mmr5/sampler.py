@@ -76,9 +76,10 @@ def generate(model: Qwen2VL, processor, batch: dict, max_new_tokens: int, temper
 
     Vision placeholder tokens are never generated (HF's generate may emit them). Greedy when temperature == 0.
     `stop_ids` defaults to `<|im_end|>` and `<|endoftext|>` ([] never stops). The generator (on the model's device)
-    makes sampling reproducible. `compile=True` decodes with `Qwen2VL.decode_step` under torch.compile: static
-    shapes (the cache rounded up to a multiple of 128 slots, read whole and masked; every row decodes to the end), so
-    a graph is built once per batch shape (~30 s on a CPU) and reused while prompts stay in that length bucket.
+    makes sampling reproducible. `compile=True` runs each step (`Qwen2VL.decode_step`, then `pick`) under
+    torch.compile: static shapes (the cache rounded up to a multiple of 128 slots, read whole and masked; every row
+    decodes to the end), so a graph is built once per batch shape (15-40 s on a CPU) and reused while prompts stay in
+    that length bucket.
     `keep_going(any_row_active) -> bool` lets FSDP ranks agree to decode until every rank is done (their forwards
     are collectives, so all must take the same number of steps).
     """
