@@ -176,9 +176,9 @@ class Attention(nn.Module):
         self.v_proj = Linear(cfg.hidden_size, self.kv_heads * self.hd, bias=True)
         self.o_proj = Linear(self.heads * self.hd, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, keep: int | None = None, starts=None):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, keep: int | None = None):
         """Self-attention; with `keep`, keys and values for all T positions but queries (and so outputs) for the
-        last `keep` only. `starts` (a left-padded prefill: row b's tokens are [starts[b], T)) replaces `mask`."""
+        last `keep` only."""
         B, T, _ = x.shape
         k = self.k_proj(x).view(B, T, self.kv_heads, self.hd).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.kv_heads, self.hd).transpose(1, 2)
@@ -201,13 +201,7 @@ class Attention(nn.Module):
             cache.k[self.layer][:, :, cache.seen:end] = k
             cache.v[self.layer][:, :, cache.seen:end] = v
             k, v = cache.k[self.layer][:, :, :end], cache.v[self.layer][:, :, :end]
-        if starts is not None:  # row by row under SDPA's causal kernel: no [T, T] mask (~20% faster on a CPU)
-            y = torch.zeros_like(q)  # pads' outputs stay 0; nothing reads them
-            for b, s in enumerate(starts):
-                row = slice(b, b + 1)  # [1, heads, T - s, hd]: 4-D, as SDPA's fused CPU kernel wants
-                y[row, :, s:] = F.scaled_dot_product_attention(q[row, :, s:], k[row, :, s:], v[row, :, s:],
-                                                               is_causal=True, enable_gqa=True)
-        elif mask is None:  # no padding, no cache: plain causal
+        if mask is None:  # no padding, no cache: plain causal
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
@@ -222,9 +216,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache, keep: int | None = None, starts=None):
+    def forward(self, x, cos, sin, mask, cache, keep: int | None = None):
         """With `keep`, only the last `keep` positions come out (their keys and values still go to the cache)."""
-        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, keep, starts)
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, keep)
         x = h.add_(x[:, -keep:] if keep else x)  # residuals added into the fresh branch outputs, as in the vision
         return self.mlp(self.post_attention_layernorm(x)).add_(x)
 
@@ -248,19 +242,18 @@ class TextModel(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)[:, None]
         return emb.cos().to(dtype), emb.sin().to(dtype)  # float32 math, cast to the model dtype as the reference
 
-    def forward(self, x, position_ids, mask, cache, keep: int | None = None, starts=None):
+    def forward(self, x, position_ids, mask, cache, keep: int | None = None):
         """Final hidden states [B, T, hidden]; with `keep`, of the last `keep` positions only: the last layer then
         runs its queries, output projection and MLP for them alone. Nothing else reads the last layer's other
         outputs (the cache holds each layer's keys and values, made from that layer's input), so a prefill that
-        keeps one position's logits saves most of a layer (HF computes it for every position).
-        `starts` (left-padded prefill, see Attention) stands for `mask` in every layer but such a last one."""
+        keeps one position's logits saves most of a layer (HF computes it for every position)."""
         cos, sin = self.mrope(position_ids, x.dtype)
         for i, layer in enumerate(self.layers):
             last = keep if i == len(self.layers) - 1 else None
             if self.gradient_checkpointing and self.training and cache is None:
                 x = checkpoint(layer, x, cos, sin, mask, None, last, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache, last, None if last else starts)
+                x = layer(x, cos, sin, mask, cache, last)
         return self.norm(x)
 
 
@@ -325,16 +318,6 @@ def attention_mask_4d(attention_mask: torch.Tensor, q_len: int) -> torch.Tensor:
     mask = causal[None] & attention_mask.bool()[:, None, :]
     mask = mask | (keys[None, None, :] == queries[None, :, None])
     return mask[:, None]
-
-
-def left_pad_starts(attention_mask: torch.Tensor) -> list[int] | None:
-    """Each row's first token when every row is left padding then tokens (as a prompt batch), else None."""
-    lengths = attention_mask.sum(1)
-    starts = attention_mask.shape[1] - lengths
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    if not bool((attention_mask.bool() == (positions >= starts[:, None])).all()):
-        return None
-    return starts.tolist()
 
 
 class Output(NamedTuple):
@@ -402,20 +385,14 @@ class Qwen2VL(nn.Module):
                 raise ValueError("decoding with a cache needs position_ids (prompt max position + 1 + step)")
             mask_for_pos = attention_mask[:, -T:] if attention_mask is not None else None
             position_ids, _ = self.rope_positions(input_ids, mask_for_pos, image_grid_thw)
-        keep = logits_to_keep if logits_to_keep and logits_to_keep < T else None
-        starts = None
         if cache is None and (attention_mask is None or bool(attention_mask.all())):
             mask = None  # no padding, no cache: SDPA's own causal path
         else:
             keys = attention_mask if attention_mask is not None else torch.ones(B, T + (cache.seen if cache else 0),
                                                                                 dtype=torch.bool, device=x.device)
-            keys = keys.to(x.device)
-            starts = left_pad_starts(keys) if cache is not None and cache.seen == 0 else None
-            if starts is None:
-                mask = attention_mask_4d(keys, T)
-            else:  # a left-padded prefill runs row by row, unmasked; only a `keep` layer reads a mask
-                mask = attention_mask_4d(keys, keep) if keep else None
-        h = self.model(x, position_ids, mask, cache, keep, starts)
+            mask = attention_mask_4d(keys.to(x.device), T)
+        keep = logits_to_keep if logits_to_keep and logits_to_keep < T else None
+        h = self.model(x, position_ids, mask, cache, keep)
         if cache is not None:
             cache.seen += T
         if logits_to_keep is None:

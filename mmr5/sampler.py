@@ -128,7 +128,7 @@ def generate(model: Qwen2VL, processor, batch: dict, max_new_tokens: int, temper
             return pick(logits, temperature, top_k, top_p, race, banned)
 
         # On a CPU, inductor's C++ wrapper (no Python between kernels) and its autotuned GEMMs cut a small model's
-        # step by a quarter (tiny bench config: ~1.5 -> ~1.15 ms); GPUs keep the default options.
+        # step by a quarter (tiny bench config: ~1.5 -> ~1.1 ms); GPUs keep the default options.
         options = {"cpp_wrapper": True, "max_autotune": True} if device.type == "cpu" else None
         step_fn = torch.compile(decode_and_pick, dynamic=False, options=options)
     else:

@@ -160,25 +160,6 @@ def test_logits_to_keep_equals_the_full_forward_tail(tiny_checkpoints, padded):
             assert (out.logits - full.logits[:, -k:]).abs().max() <= 1e-5
 
 
-def test_left_padded_prefill_runs_row_by_row(tiny_checkpoints):
-    """A prefill into an empty cache with left padding attends row by row under SDPA's causal kernel (no mask);
-    every real position's logits are the masked forward's. Other paddings keep the mask."""
-    from mmr5.model import KVCache, left_pad_starts
-
-    assert left_pad_starts(torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])) == [2, 0]
-    assert left_pad_starts(torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])) is None  # right padding
-    assert left_pad_starts(torch.tensor([[0, 1, 0, 1]])) is None  # a hole
-    model = Qwen2VL.from_pretrained(tiny_checkpoints["qwen2_vl", False])
-    batch = make_batch()
-    assert len(set(left_pad_starts(batch["attention_mask"]))) > 1  # rows of different lengths
-    valid = batch["attention_mask"].bool()
-    with torch.no_grad():
-        masked = model(**batch).logits
-        cache = KVCache(model.config.text, len(batch["input_ids"]), batch["input_ids"].shape[1], torch.float32, "cpu")
-        rows = model(**batch, cache=cache).logits
-    assert (rows[valid] - masked[valid]).abs().max() <= 1e-5
-
-
 def test_kv_cache_decoding_matches_full_forward(tiny_checkpoints):
     """Prefill + token-by-token decoding with the per-row offset gives the logits of one full forward."""
     from mmr5.model import KVCache
