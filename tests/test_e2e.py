@@ -62,6 +62,9 @@ UNDERTRAINED_STEPS = 150  # held-out R@1 0.49 (the full demo: 0.89); its samples
 # - GRPO (the release's recipe): 0.640 / 0.685 / 0.685 at steps 15 / 30 / 45 (format 0.990), 11 min 42 s; on the
 #   multinomial stream 0.699 / 0.698 / 0.653 (+0.107 at 30, then back down). So the GRPO case checks what the issue
 #   asks of it, that it improves; the 0.1 bar is the default run's.
+# - This fixture's SFT model has started at 0.619 since later vision changes moved its rounding; the default run from
+#   it (2026-11-25, 2 cores): 0.619 -> 0.744 in 681 s. The margin is a few hundredths: a change that moves
+#   generation's last bits moves the samples (a row-by-row prefill that did: 0.619 -> 0.711).
 @pytest.mark.parametrize("advantage", ["gae", "grpo"])
 def test_ppo_demo_improves_within_15_minutes(undertrained, advantage, tmp_path):
     """`python train_ppo.py` (PPO with a critic) from the under-trained SFT model raises held-out mean rerank reward
