@@ -67,10 +67,9 @@ def test_gradients_match_reference(tiny_checkpoints, version):
     mm = (batch["input_ids"] == SPECIAL["image_token_id"]).int()
     ref(**batch, mm_token_type_ids=mm).logits[valid].pow(2).mean().backward()
     ours(**batch).logits[valid].pow(2).mean().backward()
+    mlp_in = "fc1" if version == "qwen2_vl" else "gate_proj"
     pairs = {"patch embed": (ref.model.visual.patch_embed.proj, ours.visual.patch_embed.proj),
-             "vision block 0": (ref.model.visual.blocks[0].mlp.fc1 if version == "qwen2_vl" else
-                                ref.model.visual.blocks[0].mlp.gate_proj,
-                                ours.visual.blocks[0].mlp.fc1 if version == "qwen2_vl" else ours.visual.blocks[0].mlp.gate_proj),
+             "vision block 0": (getattr(ref.model.visual.blocks[0].mlp, mlp_in), getattr(ours.visual.blocks[0].mlp, mlp_in)),
              "vision qkv": (ref.model.visual.blocks[-1].attn.qkv, ours.visual.blocks[-1].attn.qkv),
              "text layer 0": (ref.model.language_model.layers[0].mlp.up_proj, ours.model.layers[0].mlp.up_proj),
              "text last q": (ref.model.language_model.layers[-1].self_attn.q_proj, ours.model.layers[-1].self_attn.q_proj),
