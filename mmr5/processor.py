@@ -204,6 +204,8 @@ class Processor:
         """MM-R5's rerank conversation for `query` over `n` images (image i is labelled "Image i")."""
         if n < 1:
             raise ValueError(f"a rerank prompt needs at least one image, got {n}")
+        if not isinstance(query, str):  # else None would be asked about as the text "None"
+            raise TypeError(f"the query must be a string, got {type(query).__name__}")
         user = [{"type": "text", "text": QUESTION_TEMPLATE.format(Question=query, image_num=n, image_num_end=n)}]
         for i in range(1, n + 1):
             user += [{"type": "text", "text": f"\nImage {i}: "}, {"type": "image"}]

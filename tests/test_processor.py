@@ -304,6 +304,8 @@ def test_user_errors(proc, model_dir, tmp_path):
         proc.rerank_inputs(["q <|image_pad|>"], [[noise_image(56, 56, 0)]])
     with pytest.raises(ValueError, match="at least one image"):
         proc.rerank_prompt("q", 0)
+    with pytest.raises(TypeError, match="query must be a string, got NoneType"):
+        proc.rerank_inputs([None], [[noise_image(56, 56, 0)]])
     with pytest.raises(ValueError, match="same length"):
         proc.rerank_inputs(["a", "b"], [[noise_image(56, 56, 0)]])
     with pytest.raises(ValueError, match="video"):
