@@ -23,13 +23,15 @@ def rerank_batch(proc, counts=IMAGE_COUNTS, queries=QUERIES):
     return proc.rerank_inputs(queries[: len(counts)], images)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("version", ["qwen2_vl", "qwen2_5_vl"])
-def test_greedy_matches_hf_generate(tiny_model_dirs, version):
+def test_greedy_matches_hf_generate(tiny_model_dirs, version, dtype):
+    """Also in bfloat16 (the GPU dtype; here on the CPU): same tokens as HF's generate in bfloat16."""
     from transformers import AutoModelForImageTextToText
 
     path = tiny_model_dirs[version]
-    model, proc = load(path)
-    ref = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    model, proc = Qwen2VL.from_pretrained(path, dtype=dtype), Processor.from_pretrained(path)
+    ref = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).eval()
     batch = rerank_batch(proc)
     assert len(set(batch["attention_mask"].sum(1).tolist())) == 3  # rows of different lengths: left padding
     stops = [proc.im_end_id, proc.endoftext_id]
@@ -47,6 +49,7 @@ def test_greedy_matches_hf_generate(tiny_model_dirs, version):
         else:
             assert got[-1] in stops
     assert ours.lengths.max() >= 32
+    assert ours.model_logprobs.dtype == torch.float32 and ours.model_logprobs[ours.mask].isfinite().all()
 
 
 def full_forward_logprobs(model, proc, batch, rollout):
