@@ -362,7 +362,7 @@ def main(argv=None):
         return distributed.cleanup(d)
 
     after = evaluate() if evals else None
-    weights = distributed.full_state_dict(policy, d)
+    weights = {k.removeprefix("policy."): v for k, v in trained().items() if k.startswith("policy.")}
     if d.main:
         if after is not None:
             append_metrics(out, {"step": step, **after})
@@ -379,7 +379,8 @@ def main(argv=None):
 
 
 def save_final_policy(args, weights: dict, path: Path):
-    """A plain HF-layout checkpoint of the policy: trained tensors in a fresh base model, LoRA merged, no value head."""
+    """A plain HF-layout checkpoint of the policy: trained tensors in a fresh base model, LoRA merged, no value head.
+    Frozen tensors are the base's own (under LoRA they sat in bf16 for memory only), not bf16-rounded copies."""
     model = Qwen2VL.from_pretrained(args.model)
     if args.lora_rank > 0:
         add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)

@@ -259,7 +259,7 @@ def main(argv=None):
         return distributed.cleanup(d)
 
     after = evaluate() if evals else None
-    weights = distributed.full_state_dict(model, d)
+    weights = trained()  # frozen tensors come from the base checkpoint as they are (not bf16-rounded copies)
     if d.main:
         if after is not None:
             append_metrics(out, {"step": step, "eval_recall@1": after})
@@ -276,7 +276,9 @@ def main(argv=None):
 
 
 def save_final_model(args, weights: dict, path: Path):
-    """A plain HF-layout checkpoint: the trained tensors put into a fresh copy of the base model, LoRA merged."""
+    """A plain HF-layout checkpoint: the trained tensors put into a fresh copy of the base model, LoRA merged. Under
+    LoRA the frozen base sat in bf16 for memory only (autocast rounds every matmul's weights to bf16 anyway), so the
+    merged model is the base's own weights + the learned update."""
     model = Qwen2VL.from_pretrained(args.model)
     if args.lora_rank > 0:
         add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout)

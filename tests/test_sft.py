@@ -112,13 +112,15 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model_dirs, sft_data, tmp_
     assert (tmp_path / "full" / "curve.png").exists()
 
 
-def test_lora_run_saves_a_merged_model_hf_loads(tiny_model_dirs, sft_data, tmp_path):
+@pytest.mark.parametrize("gpu_style", [[], ["--bf16", "on", "--grad-checkpointing"]], ids=["float32", "bf16"])
+def test_lora_run_saves_a_merged_model_hf_loads(tiny_model_dirs, sft_data, tmp_path, gpu_style):
+    """Also with a GPU recipe's bf16 autocast (the CUDA default) and gradient checkpointing, here on the CPU."""
     from transformers import AutoModelForImageTextToText
 
     model = tiny_model_dirs["qwen2_vl"]
     run(common_args(model, sft_data, tmp_path / "lora", steps=3) + ["--lora-rank", 4, "--freeze-vision",
                                                                     "--eval", sft_data / "eval.jsonl",
-                                                                    "--eval-max-new-tokens", 8])
+                                                                    "--eval-max-new-tokens", 8, *gpu_style])
     out = tmp_path / "lora" / "model"
     assert (out / "tokenizer.json").exists() and (out / "preprocessor_config.json").exists()
     ours = Qwen2VL.from_pretrained(out)

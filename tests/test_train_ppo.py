@@ -5,6 +5,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from conftest import page_images, save_pages
 
 import train_ppo
@@ -35,7 +37,9 @@ def metrics(out):
 
 @pytest.mark.parametrize("extra", [["--advantage", "gae", "--w-think", "1"], ["--advantage", "grpo"],
                                    ["--advantage", "gae", "--critic", "separate", "--lora-rank", "4",
-                                    "--target-kl", "0.1", "--critic-warmup", "1"]])
+                                    "--target-kl", "0.1", "--critic-warmup", "1"],
+                                   # a GPU recipe's settings (bf16 autocast is the CUDA default), here on the CPU
+                                   ["--advantage", "gae", "--bf16", "on", "--lora-rank", "4", "--grad-checkpointing"]])
 def test_runs_end_to_end(tiny_model_dirs, ppo_data, tmp_path, extra):
     out = tmp_path / "run"
     train_ppo.main(args(tiny_model_dirs["qwen2_5_vl"], ppo_data, out, *extra, "--eval", ppo_data / "train.jsonl",
@@ -49,6 +53,10 @@ def test_runs_end_to_end(tiny_model_dirs, ppo_data, tmp_path, extra):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval_before"] and summary["eval_after"]
     assert (out / "model" / "config.json").exists() and (out / "curve.png").exists()
+    # The vision tower is frozen: the saved one is the base's to the bit (also when a LoRA base sat in bf16)
+    vision = lambda path: {k.split("visual.")[1]: v for k, v in load_file(path).items() if "visual." in k}  # noqa: E731
+    base, saved = vision(tiny_model_dirs["qwen2_5_vl"] / "model.safetensors"), vision(out / "model/model.safetensors")
+    assert base.keys() == saved.keys() and all(torch.equal(saved[k], v) for k, v in base.items())
 
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_model_dirs, ppo_data, tmp_path, monkeypatch):
