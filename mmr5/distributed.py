@@ -102,6 +102,12 @@ def wrap(model: nn.Module, d: Dist, fsdp: bool) -> nn.Module:
         for block in [*model.visual.blocks, model.visual, *model.model.layers]:  # the tower is run on its own too
             fully_shard(block)
         fully_shard(model)
+        # FSDP2 takes the first module to run forward as its root; PPO's first is the tower alone (pages are encoded
+        # before the rollout), which FSDP then refuses. One token through the whole model first settles the root;
+        # the root keeps its parameters gathered after a forward, so shard them again before an optimizer sees them.
+        with torch.no_grad():
+            model(torch.zeros(1, 1, dtype=torch.long, device=d.device), logits_to_keep=None)
+        model.reshard()
         return model
     from torch.nn.parallel import DistributedDataParallel
 
