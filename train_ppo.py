@@ -102,6 +102,9 @@ def parse_args(argv=None):
     t.add_argument("--device", help="cpu, cuda, ... (default: cuda if available; torchrun: cuda:LOCAL_RANK)")
     t.add_argument("--fsdp", action="store_true", help="under torchrun, shard the models with FSDP2 (default: DDP)")
     t.add_argument("--bf16", choices=["auto", "on", "off"], default="auto", help="bf16 autocast (auto: on for CUDA)")
+    t.add_argument("--save-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="dtype of the final model's weights (auto: the base checkpoint's, e.g. bfloat16 for the "
+                        "released Qwen models and MM-R5; float32 keeps updates smaller than a bfloat16 step)")
     t.add_argument("--min-pixels", type=int, help="override the checkpoint's preprocessor min_pixels")
     t.add_argument("--max-pixels", type=int, help="override the checkpoint's preprocessor max_pixels")
     t.add_argument("--seed", type=int, default=0, help="seed for data order and sampling")
@@ -386,7 +389,9 @@ def save_final_policy(args, weights: dict, path: Path):
         add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
     distributed.load_full_state_dict(model, {k: v for k, v in weights.items() if not k.startswith("value_head.")})
     merge_lora(model)
-    model.save_pretrained(path, side_files_from=args.model)
+    dtype = model.config.torch_dtype if args.save_dtype == "auto" else args.save_dtype
+    dtype = dtype if dtype in ("float32", "bfloat16", "float16") else "float32"  # a config may name none of these
+    model.to(getattr(torch, dtype)).save_pretrained(path, side_files_from=args.model)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,9 @@ def parse_args(argv=None):
     m.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available; torchrun: cuda:LOCAL_RANK)")
     m.add_argument("--fsdp", action="store_true", help="under torchrun, shard the model with FSDP2 (default: DDP)")
     m.add_argument("--bf16", choices=["auto", "on", "off"], default="auto", help="bf16 autocast (auto: on for CUDA)")
+    m.add_argument("--save-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="dtype of the final model's weights (auto: the base checkpoint's, e.g. bfloat16 for the "
+                        "released Qwen models and MM-R5; float32 keeps updates smaller than a bfloat16 step)")
     m.add_argument("--min-pixels", type=int, help="override the checkpoint's preprocessor min_pixels")
     m.add_argument("--max-pixels", type=int, help="override the checkpoint's preprocessor max_pixels")
     r = p.add_argument_group("evaluation, checkpoints, logging")
@@ -284,7 +287,9 @@ def save_final_model(args, weights: dict, path: Path):
         add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout)
     distributed.load_full_state_dict(model, weights)
     merge_lora(model)
-    model.save_pretrained(path, side_files_from=args.model)
+    dtype = model.config.torch_dtype if args.save_dtype == "auto" else args.save_dtype
+    dtype = dtype if dtype in ("float32", "bfloat16", "float16") else "float32"  # a config may name none of these
+    model.to(getattr(torch, dtype)).save_pretrained(path, side_files_from=args.model)
 
 
 if __name__ == "__main__":

@@ -139,6 +139,24 @@ def test_lora_run_saves_a_merged_model_hf_loads(tiny_model_dirs, sft_data, tmp_p
     assert summary["eval_recall@1_before"] is not None and summary["eval_recall@1_after"] is not None
 
 
+def test_final_model_keeps_the_base_dtype(tiny_model_dirs, sft_data, tmp_path):
+    """A bfloat16 base (as the released Qwen models) gives a bfloat16 final model, not twice its size in float32;
+    --save-dtype float32 keeps the trained weights whole. Both load in HF transformers."""
+    from safetensors import safe_open
+    from transformers import AutoModelForImageTextToText
+
+    base = tmp_path / "bf16_base"
+    source = tiny_model_dirs["qwen2_vl"]
+    Qwen2VL.from_pretrained(source, dtype=torch.bfloat16).save_pretrained(base, side_files_from=source)
+    for flag, expected, stored in (("auto", torch.bfloat16, "BF16"), ("float32", torch.float32, "F32")):
+        run(common_args(base, sft_data, tmp_path / flag, steps=1) + ["--lora-rank", 4, "--save-dtype", flag])
+        out = tmp_path / flag / "model"
+        with safe_open(out / "model.safetensors", "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {stored}
+        assert json.loads((out / "config.json").read_text())["torch_dtype"] == str(expected).removeprefix("torch.")
+        assert AutoModelForImageTextToText.from_pretrained(out).dtype == expected
+
+
 def test_broken_checkpoint_is_refused(tiny_model_dirs, sft_data, tmp_path, capsys):
     model = tiny_model_dirs["qwen2_5_vl"]
     run(common_args(model, sft_data, tmp_path / "r", steps=2))

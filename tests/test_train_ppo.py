@@ -35,7 +35,8 @@ def metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("extra", [["--advantage", "gae", "--w-think", "1"], ["--advantage", "grpo"],
+@pytest.mark.parametrize("extra", [["--advantage", "gae", "--w-think", "1"],
+                                   ["--advantage", "grpo", "--save-dtype", "bfloat16"],
                                    ["--advantage", "gae", "--critic", "separate", "--lora-rank", "4",
                                     "--target-kl", "0.1", "--critic-warmup", "1"],
                                    # a GPU recipe's settings (bf16 autocast is the CUDA default), here on the CPU
@@ -56,7 +57,8 @@ def test_runs_end_to_end(tiny_model_dirs, ppo_data, tmp_path, extra):
     # The vision tower is frozen: the saved one is the base's to the bit (also when a LoRA base sat in bf16)
     vision = lambda path: {k.split("visual.")[1]: v for k, v in load_file(path).items() if "visual." in k}  # noqa: E731
     base, saved = vision(tiny_model_dirs["qwen2_5_vl"] / "model.safetensors"), vision(out / "model/model.safetensors")
-    assert base.keys() == saved.keys() and all(torch.equal(saved[k], v) for k, v in base.items())
+    assert base.keys() == saved.keys() and all(torch.equal(saved[k], v.to(saved[k].dtype)) for k, v in base.items())
+    assert {v.dtype for v in saved.values()} == {torch.bfloat16 if "bfloat16" in extra else torch.float32}
 
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_model_dirs, ppo_data, tmp_path, monkeypatch):
