@@ -306,6 +306,19 @@ def rope_positions(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
     return positions.to(input_ids.device), deltas.to(input_ids.device)
 
 
+def check_device(device) -> None:
+    """A one-line ValueError for a device string torch does not know or this machine does not have (torch's own
+    errors come from deep inside the first tensor moved there)."""
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {str(device)!r} (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: no CUDA GPU is available to this torch ({torch.__version__})")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+
+
 def attention_mask_4d(attention_mask: torch.Tensor, q_len: int) -> torch.Tensor:
     """[B, K] key validity -> [B, 1, q_len, K] boolean mask: causal (queries are the last q_len keys) and no pads.
 
@@ -412,6 +425,7 @@ class Qwen2VL(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu") -> "Qwen2VL":
         """Build on the meta device, then materialise each tensor straight from the safetensors files."""
+        check_device(device)
         cfg = Config.from_file(path)
         with torch.device("meta"):
             model = cls(cfg)

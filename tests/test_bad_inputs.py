@@ -111,6 +111,19 @@ def test_bad_flags(tiny_model_dirs, folder, capsys, script, flags, match):
     assert err.startswith("usage:") is False and __import__("re").search(match, err), err
 
 
+@pytest.mark.parametrize("script", [train_sft, train_ppo, evaluate])
+@pytest.mark.parametrize("device,match", [("gpu", r"unknown device 'gpu'"),
+                                          ("cuda:99", r"device 'cuda:99': (no CUDA GPU is available|this machine has)")])
+def test_unusable_device(tiny_model_dirs, folder, script, device, match):
+    (folder / "data.jsonl").write_text(json.dumps({**SAMPLE, "response": "<answer>[1, 2]</answer>"}) + "\n")
+    data = "--data" if script is evaluate else "--train"
+    with pytest.raises(SystemExit) as e:
+        script.main(["--model", str(tiny_model_dirs["qwen2_vl"]), data, str(folder / "data.jsonl"),
+                     "--out", str(folder / "o"), "--device", device])
+    message = str(e.value.code)
+    assert "\n" not in message and __import__("re").search(match, message), message
+
+
 @pytest.mark.parametrize("text", ["", "<think>" + "and so on " * 500, "I think image two.", "<answer>[two, one]</answer>"],
                          ids=["empty", "endless", "no-answer", "not-integers"])
 def test_bad_model_output_falls_back_to_the_retriever_order(text):
