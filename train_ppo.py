@@ -101,7 +101,8 @@ def parse_args(argv=None):
                    "memory; the training forwards then repeat each prompt per response instead of sharing its cache)")
     t.add_argument("--device", help="cpu, cuda, ... (default: cuda if available; torchrun: cuda:LOCAL_RANK)")
     t.add_argument("--fsdp", action="store_true", help="under torchrun, shard the models with FSDP2 (default: DDP)")
-    t.add_argument("--bf16", choices=["auto", "on", "off"], default="auto", help="bf16 autocast (auto: on for CUDA)")
+    t.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                   help="bf16 autocast (auto: on for CUDA GPUs that have bf16, Ampere and later)")
     t.add_argument("--save-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="dtype of the final model's weights (auto: the base checkpoint's, e.g. bfloat16 for the "
                         "released Qwen models and MM-R5; float32 keeps updates smaller than a bfloat16 step)")
@@ -163,7 +164,7 @@ def main(argv=None):
     if args.prompts_per_step % d.world:
         sys.exit(f"error: --prompts-per-step ({args.prompts_per_step}) must be a multiple of the {d.world} ranks")
     out = Path(args.out)
-    bf16 = args.bf16 == "on" or (args.bf16 == "auto" and d.device.startswith("cuda"))
+    bf16 = args.bf16 == "on" or (args.bf16 == "auto" and d.device.startswith("cuda") and torch.cuda.is_bf16_supported())
     torch.manual_seed(args.seed)
     try:
         train = read_samples(args.train)

@@ -63,7 +63,8 @@ def parse_args(argv=None):
     m.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (long image prompts)")
     m.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available; torchrun: cuda:LOCAL_RANK)")
     m.add_argument("--fsdp", action="store_true", help="under torchrun, shard the model with FSDP2 (default: DDP)")
-    m.add_argument("--bf16", choices=["auto", "on", "off"], default="auto", help="bf16 autocast (auto: on for CUDA)")
+    m.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                   help="bf16 autocast (auto: on for CUDA GPUs that have bf16, Ampere and later)")
     m.add_argument("--save-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="dtype of the final model's weights (auto: the base checkpoint's, e.g. bfloat16 for the "
                         "released Qwen models and MM-R5; float32 keeps updates smaller than a bfloat16 step)")
@@ -107,7 +108,7 @@ def main(argv=None):
         paths = build_demo()
         args.model, args.train, args.eval = paths["base"], paths["train"], paths["eval"]
     out = Path(args.out)
-    bf16 = args.bf16 == "on" or (args.bf16 == "auto" and d.device.startswith("cuda"))
+    bf16 = args.bf16 == "on" or (args.bf16 == "auto" and d.device.startswith("cuda") and torch.cuda.is_bf16_supported())
     torch.manual_seed(args.seed)
 
     try:
