@@ -10,6 +10,7 @@ prompt + the generated text up to `<answer>[` reads it out. Candidate ids are wr
 1..9, so scores are given for up to 9 candidates (None beyond, and when the output has no `<answer>[`).
 """
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -77,6 +78,9 @@ class Reranker:
                      max_new_tokens: int = 1024, scores: bool = True, generator: torch.Generator | None = None,
                      progress: bool = False, keep_going=None) -> list[RerankResult]:
         """Rank many queries' candidates, `batch_size` queries per generate call (`keep_going`: see generate)."""
+        if isinstance(queries, str) or any(isinstance(images, (str, Path)) for images in images_lists):
+            raise TypeError("rerank_batch takes a list of queries and a list of image lists; rerank takes one query "
+                            "and a list of images (a single path is not a list)")
         if len(queries) != len(images_lists):
             raise ValueError(f"{len(queries)} queries but {len(images_lists)} image lists")
         results = []

@@ -1,4 +1,5 @@
 """Reranker: valid permutations whatever the model writes, and first-id scores read at the right position."""
+import pytest
 import torch
 from conftest import page_images
 
@@ -22,6 +23,10 @@ def test_rerank_on_tiny_checkpoint_returns_a_permutation(tiny_model_dirs, tmp_pa
     assert isinstance(result, RerankResult)
     assert sorted(result.order) == [0, 1, 2, 3] and isinstance(result.text, str)
     assert result.parsed is False and result.order == [0, 1, 2, 3]  # a random model writes no answer
+    with pytest.raises(TypeError, match="a single path is not a list"):  # not read as one image per character
+        reranker.rerank("a red circle", paths[0])
+    with pytest.raises(TypeError, match="list of queries"):
+        reranker.rerank_batch("a red circle", [paths])
 
 
 def test_any_output_gives_a_valid_permutation(tiny_model_dirs, monkeypatch):
