@@ -309,6 +309,8 @@ def rope_positions(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
 def check_device(device) -> None:
     """A one-line ValueError for a device string torch does not know or this machine does not have (torch's own
     errors come from deep inside the first tensor moved there)."""
+    if device is None:  # torch's default device
+        return
     try:
         device = torch.device(device)
     except RuntimeError:
