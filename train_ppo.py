@@ -216,15 +216,14 @@ def main(argv=None):
     kl_ctl = AdaptiveKL(args.kl_coef, args.target_kl, args.kl_horizon)
     reduce = lambda x: distributed.all_sum(x, d)  # noqa: E731
 
+    def trained_tensors(m) -> dict:
+        """One model's trained tensors (adapters + value head under LoRA), unsharded. Collective."""
+        full = distributed.full_state_dict(m, d)
+        return {k: full[k] for k, p in m.named_parameters() if p.requires_grad and k in full}
+
     def trained() -> dict:
-        """Every trained tensor, prefixed by its model (adapters + value head under LoRA). Collective."""
-        out = {}
-        for name, m in models.items():
-            if m is not None:
-                full = distributed.full_state_dict(m, d)
-                keep = [k for k, p in m.named_parameters() if p.requires_grad]
-                out.update({f"{name}.{k}": full[k] for k in keep if k in full})
-        return out
+        """Every trained tensor, prefixed by its model. Collective."""
+        return {f"{name}.{k}": v for name, m in models.items() if m is not None for k, v in trained_tensors(m).items()}
 
     def optimizer_state():
         """The optimizer's state by parameter name, over both models (policy./critic. prefixes). Collective."""
@@ -366,7 +365,7 @@ def main(argv=None):
         return distributed.cleanup(d)
 
     after = evaluate() if evals else None
-    weights = {k.removeprefix("policy."): v for k, v in trained().items() if k.startswith("policy.")}
+    weights = trained_tensors(policy)  # not a separate critic's: the final model is the policy alone
     if d.main:
         if after is not None:
             append_metrics(out, {"step": step, **after})
@@ -390,9 +389,8 @@ def save_final_policy(args, weights: dict, path: Path):
         add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
     distributed.load_full_state_dict(model, {k: v for k, v in weights.items() if not k.startswith("value_head.")})
     merge_lora(model)
-    dtype = model.config.torch_dtype if args.save_dtype == "auto" else args.save_dtype
-    dtype = dtype if dtype in ("float32", "bfloat16", "float16") else "float32"  # a config may name none of these
-    model.to(getattr(torch, dtype)).save_pretrained(path, side_files_from=args.model)
+    dtype = model.config.stored_dtype if args.save_dtype == "auto" else getattr(torch, args.save_dtype)
+    model.to(dtype).save_pretrained(path, side_files_from=args.model)
 
 
 if __name__ == "__main__":

@@ -288,9 +288,8 @@ def save_final_model(args, weights: dict, path: Path):
         add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout)
     distributed.load_full_state_dict(model, weights)
     merge_lora(model)
-    dtype = model.config.torch_dtype if args.save_dtype == "auto" else args.save_dtype
-    dtype = dtype if dtype in ("float32", "bfloat16", "float16") else "float32"  # a config may name none of these
-    model.to(getattr(torch, dtype)).save_pretrained(path, side_files_from=args.model)
+    dtype = model.config.stored_dtype if args.save_dtype == "auto" else getattr(torch, args.save_dtype)
+    model.to(dtype).save_pretrained(path, side_files_from=args.model)
 
 
 if __name__ == "__main__":

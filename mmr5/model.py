@@ -58,6 +58,12 @@ class Config:
     def is_qwen2_5(self) -> bool:
         return self.model_type == "qwen2_5_vl"
 
+    @property
+    def stored_dtype(self) -> torch.dtype:
+        """`torch_dtype` as a torch dtype (float32 when it names none we save in)."""
+        known = ("float32", "bfloat16", "float16")
+        return getattr(torch, self.torch_dtype) if self.torch_dtype in known else torch.float32
+
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
         model_type = d.get("model_type")
