@@ -1,5 +1,6 @@
 """evaluate.py end to end on a tiny checkpoint: the four outputs, resume, one-line errors, the report renders."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -85,8 +86,13 @@ def test_bad_data_stops_before_model_work(tiny_model_dirs, eval_data, tmp_path, 
 
 
 def test_report_renders_in_headless_chromium(tiny_model_dirs, eval_data, tmp_path):
+    """The HTML report renders in a real browser. Chromium is a system package, not a pip one: on a machine
+    without it (a fresh one running the README's test command) this is skipped; CI installs it and sets
+    MMR5_REQUIRE_CHROMIUM=1, so there a missing browser fails instead."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert chromium, "Chromium is needed for this test (.ci/run installs Debian's chromium)"
+    if not chromium:
+        assert not os.environ.get("MMR5_REQUIRE_CHROMIUM"), "Chromium is needed for this test (.ci/run installs it)"
+        pytest.skip("Chromium is not installed (apt-get install chromium); .ci/run installs it and runs this test")
     run(tiny_model_dirs["qwen2_5_vl"], eval_data, tmp_path / "e")
     report = tmp_path / "e" / "report.html"
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
