@@ -24,26 +24,51 @@ def sft_args(model, data, out, steps=10):
             "--save-every", "1"]
 
 
+def logged_steps(out) -> int:
+    metrics = out / "metrics.jsonl"
+    return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+
+
+def new_temporary_checkpoint(root, since: float) -> bool:
+    """A checkpoint's temporary folder made after `since` (one left by an earlier kill does not count)."""
+    for d in root.glob(".step-*.tmp"):
+        try:
+            if d.stat().st_mtime > since:
+                return True
+        except FileNotFoundError:  # renamed into place between the glob and the stat
+            pass
+    return False
+
+
 def test_sigkill_at_random_moments_never_loses_a_checkpoint(tiny_model_dirs, data, tmp_path):
-    """10 kills in a seeded loop (half at random times, half the moment a checkpoint is being written): after each,
-    `latest` names a complete checkpoint; resuming reaches exactly the weights of a run never interrupted."""
+    """10 kills in a seeded loop (half at random moments, half while a checkpoint is being written): after each,
+    `latest` names a complete checkpoint; resuming reaches exactly the weights of a run never interrupted.
+    Kill moments are taken from the run's own progress (its logged steps), not from wall-clock guesses, so a faster
+    machine cannot finish the run before the kills."""
     model = tiny_model_dirs["qwen2_5_vl"]
-    train_sft.main(sft_args(model, data, tmp_path / "clean"))
+    steps = 40
+    train_sft.main(sft_args(model, data, tmp_path / "clean", steps))
     out = tmp_path / "killed"
     rng = random.Random(0)
     kills = 0
     for attempt in range(40):
         if kills == 10 or (out / "summary.json").exists():
             break
-        p = subprocess.Popen([sys.executable, "train_sft.py", *sft_args(model, data, out)], cwd=ROOT,
+        launched, before = time.time(), logged_steps(out)
+        p = subprocess.Popen([sys.executable, "train_sft.py", *sft_args(model, data, out, steps)], cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if attempt % 2:  # the moment a checkpoint is being written (its temporary folder exists)
-            deadline = time.time() + 60
-            root = out / "checkpoints"
-            while p.poll() is None and time.time() < deadline and not any(root.glob(".step-*.tmp")):
-                time.sleep(0.002)
-        else:  # a random moment: during start-up, a step, a log, a write
-            time.sleep(rng.uniform(0.5, 4.0))
+        deadline = time.time() + 120
+        if attempt % 2:  # the moment a checkpoint is being written (a fresh temporary folder exists)
+            ready = lambda: new_temporary_checkpoint(out / "checkpoints", launched)  # noqa: E731
+        else:  # a random moment: during start-up, or 1-2 steps in (mid step, log or write)
+            ahead = rng.randint(0, 2)
+            if ahead == 0:
+                time.sleep(rng.uniform(0.05, 1.5))
+            ready = lambda: logged_steps(out) >= before + ahead  # noqa: E731
+        while p.poll() is None and time.time() < deadline and not ready():
+            time.sleep(0.001)
+        if attempt % 2 == 0:
+            time.sleep(rng.uniform(0.0, 0.03))
         if p.poll() is not None:
             continue
         p.send_signal(signal.SIGKILL)
@@ -53,7 +78,7 @@ def test_sigkill_at_random_moments_never_loses_a_checkpoint(tiny_model_dirs, dat
         if ckpt is not None:
             load_checkpoint(ckpt)  # complete and readable, or this raises
     assert kills >= 10
-    train_sft.main(sft_args(model, data, out))  # finish
+    train_sft.main(sft_args(model, data, out, steps))  # finish
     a, b = Qwen2VL.from_pretrained(tmp_path / "clean" / "model"), Qwen2VL.from_pretrained(out / "model")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     clean = [r for r in map(json.loads, (tmp_path / "clean" / "metrics.jsonl").read_text().splitlines())]
