@@ -89,6 +89,21 @@ def segment_attention(q, k, v, lengths: list[int]) -> torch.Tensor:
     return out
 
 
+def image_groups(grid_thw: torch.Tensor, cfg: VisionConfig, element_size: int, budget: int = 8 << 20) -> list:
+    """`grid_thw` cut into runs of whole images whose widest activation (patches x max(3 D, MLP width)) fits in
+    `budget` bytes; an image larger than that is a run of its own. 8 MB stays under the mmap threshold
+    mmr5.distributed fixes (glibc's own moves up to 32 MB): such blocks are reused, not mapped afresh."""
+    per_patch = max(3 * cfg.hidden_size, cfg.intermediate_size) * element_size
+    groups, start, size = [], 0, 0
+    for i, patches in enumerate(grid_thw.prod(-1).tolist()):
+        if i > start and (size + patches) * per_patch > budget:
+            groups.append(grid_thw[start:i])
+            start, size = i, 0
+        size += patches
+    groups.append(grid_thw[start:])
+    return groups
+
+
 class VisionAttention(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -160,7 +175,22 @@ class VisionTransformer(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """[patches, 1176] -> [patches / 4, LM width], images in the order of `grid_thw`."""
+        """[patches, 1176] -> [patches / 4, LM width], images in the order of `grid_thw`.
+
+        Images never attend to each other, so on a CPU they are encoded a few at a time (`image_groups`): the same
+        values, and no activation is large enough for glibc to give it fresh pages (a 43 MB block costs ~20 ms of
+        page faults where a reused one costs ~1 ms to fill; the 100m bench config's 20 pages encode 17% faster).
+        """
+        if pixel_values.device.type != "cpu":
+            return self.encode(pixel_values, grid_thw)
+        outs, start = [], 0
+        for g in image_groups(grid_thw, self.cfg, self.patch_embed.proj.weight.element_size()):
+            patches = int(g.prod(-1).sum())
+            outs.append(self.encode(pixel_values[start:start + patches], g))
+            start += patches
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         unit = cfg.spatial_merge_size ** 2
         x = self.patch_embed(pixel_values)

@@ -104,19 +104,43 @@ def test_gradients_match_reference(tiny_checkpoints, version):
 
 @pytest.mark.parametrize("version", ["qwen2_vl", "qwen2_5_vl"])
 @pytest.mark.parametrize("grids", [GRIDS, [[[1, 8, 8], [1, 8, 8]], [[1, 8, 8]]]], ids=["sizes", "one-size"])
-def test_vision_tower_matches_reference(tiny_checkpoints, version, grids):
-    """Images of several sizes, and of one size (every full-attention segment equally long: the reshape path)."""
+@pytest.mark.parametrize("budget", [8 << 20, 40_000], ids=["one-group", "groups"])
+def test_vision_tower_matches_reference(tiny_checkpoints, version, grids, budget, monkeypatch):
+    """Images of several sizes, and of one size (every full-attention segment equally long: the reshape path);
+    encoded in one call, and in groups of whole images (what a CPU does with many or large pages)."""
     from transformers import AutoModelForImageTextToText
+
+    from mmr5 import vision
 
     path = tiny_checkpoints[version, False]
     ref = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
     ours = Qwen2VL.from_pretrained(path)
     batch = make_batch(grids)
+    calls = []
+    monkeypatch.setattr(vision.VisionTransformer, "encode",
+                        lambda self, *a, real=vision.VisionTransformer.encode: calls.append(1) or real(self, *a))
+    monkeypatch.setattr(vision, "image_groups", lambda *a, real=vision.image_groups: real(*a, budget=budget))
     with torch.no_grad():
         expected = torch.cat(ref.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output)
         got = ours.visual(batch["pixel_values"], batch["image_grid_thw"])
+        assert (len(calls) > 1) == (budget < 8 << 20)
+        whole = vision.VisionTransformer.encode(ours.visual, batch["pixel_values"], batch["image_grid_thw"])
     assert got.shape == expected.shape
     assert (expected - got).abs().max() <= 1e-5
+    assert (whole - got).abs().max() <= 1e-6
+
+
+def test_image_groups_cut_between_whole_images():
+    from mmr5.vision import VisionConfig, image_groups
+
+    cfg = VisionConfig(hidden_size=16, intermediate_size=64)  # 64 floats = 256 bytes per patch at its widest
+    grid = torch.tensor([[1, 4, 4], [1, 4, 4], [1, 8, 8], [1, 2, 2], [1, 2, 2]])  # 16, 16, 64, 4, 4 patches
+    cuts = lambda budget: [g[:, 1:].prod(-1).tolist() for g in image_groups(grid, cfg, 4, budget)]  # noqa: E731
+    assert cuts(32 * 256) == [[16, 16], [64], [4, 4]]  # the 64-patch image is over budget: a group of its own
+    assert cuts(16 * 256) == [[16], [16], [64], [4, 4]]
+    assert cuts(1) == [[16], [16], [64], [4], [4]]
+    assert cuts(1 << 30) == [[16, 16, 64, 4, 4]]
+    assert sum(map(len, cuts(16 * 256))) == 5
 
 
 def test_window_attention_is_exercised():
