@@ -94,6 +94,21 @@ def timeit(fn, repeat: int = 3, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def timeit_interleaved(fns: dict, repeat: int = 3, warmup: int = 1) -> dict:
+    """Median wall time of each `fns[name]()` in seconds, the functions taking turns in every repetition: this
+    machine's speed drifts by tens of percent over a minute, and turns spread the drift over every side alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def setup_threads():
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
 

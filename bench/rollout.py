@@ -5,13 +5,14 @@ recomputes the prompt per sample). 5 pages of ~300x220 px per prompt, 64 new tok
 temperature 1. Targets on CPU fp32, 2 threads: tiny >= 2x (a) and >= 3x (b); ~100M >= 1.3x on both.
 `--compile` adds mmr5 with `generate(compile=True)` (static-shape decode under torch.compile; its one-off
 compilation is timed apart, in a warm-up run, and printed); HF runs its default eager generate in both.
+HF and mmr5 take turns in every repetition (medians reported).
 Usage: python bench/rollout.py [--sizes tiny 100m] [--compile] [--device cuda --dtype bfloat16]
 """
 import argparse
 from types import SimpleNamespace
 
 import torch
-from common import SPECIAL, models, rerank_batch, setup_threads, timeit
+from common import SPECIAL, models, rerank_batch, setup_threads, timeit, timeit_interleaved
 
 from mmr5.sampler import generate
 
@@ -56,15 +57,15 @@ def main():
                 r = generate(ours, proc, batch, max_new_tokens=NEW, temperature=1.0, n=n, stop_ids=[], compile=compile)
                 assert int(r.mask.sum()) == 4 * n * NEW
 
-            warmup = 1 if size == "tiny" else 0
-            t_hf = timeit(run_hf, args.repeat, warmup)
-            t_ours = timeit(run_ours, args.repeat, warmup)
-            tokens = 4 * n * NEW
-            row = f"{size:<6} {f'4 x {n} sample':<12} {tokens / t_hf:>9.1f} {tokens / t_ours:>11.1f} {t_hf / t_ours:>8.2f}"
+            fns = {"hf": run_hf, "ours": run_ours}
             if args.compile:
                 t_compile = timeit(lambda: run_ours(True), 1, 0)  # the first call builds the graph
-                t_comp = timeit(lambda: run_ours(True), args.repeat, 0)
-                row += f" {tokens / t_comp:>15.1f} {t_hf / t_comp:>12.2f} {t_compile - t_comp:>10.1f}"
+                fns["compiled"] = lambda: run_ours(True)
+            t = timeit_interleaved(fns, args.repeat, warmup=1 if size == "tiny" else 0)
+            tok_s = {name: 4 * n * NEW / seconds for name, seconds in t.items()}
+            row = f"{size:<6} {f'4 x {n} sample':<12} {tok_s['hf']:>9.1f} {tok_s['ours']:>11.1f} {t['hf'] / t['ours']:>8.2f}"
+            if args.compile:
+                row += f" {tok_s['compiled']:>15.1f} {t['hf'] / t['compiled']:>12.2f} {t_compile - t['compiled']:>10.1f}"
             print(row, flush=True)
 
 
