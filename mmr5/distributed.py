@@ -133,5 +133,8 @@ def barrier(d: Dist):
 
 
 def cleanup(d: Dist):
+    """Leave the group together: a gloo rank whose peer closes its sockets while traffic is still in flight dies
+    with SIGABRT (an uncaught gloo::IoException), and torchrun then reports the whole run failed."""
     if d.world > 1 and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

@@ -50,9 +50,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def worker_errors(out: str) -> str:
+    """A failed torchrun's output for an assertion message: the lines that say what went wrong in a worker
+    (torchrun's own summary at the end names only the signal), then the tail."""
+    said = [line for line in out.splitlines() if any(w in line for w in ("Error", "what()", "terminate", "Abort"))]
+    return "\n".join(said[-30:]) + "\n...\n" + out[-2000:]
+
+
 def finish(p, timeout=600):
     out, _ = p.communicate(timeout=timeout)
-    assert p.returncode == 0, out[-3000:]
+    assert p.returncode == 0, worker_errors(out)
     return out
 
 
@@ -188,7 +195,7 @@ def test_one_ppo_update_on_a_fixed_rollout(tiny_model_dirs, tmp_path, fsdp):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
                str(free_port()), str(tmp_path / "worker.py")]
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        assert r.returncode == 0, worker_errors(r.stdout + r.stderr)
         results[nproc] = torch.load(tmp_path / f"result{nproc}.pt", weights_only=True)
     start = Qwen2VL.from_pretrained(path).state_dict()
     moved = [k for k in results[1] if "lora_B" in k and not torch.equal(results[1][k], torch.zeros_like(results[1][k]))]
