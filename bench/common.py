@@ -84,14 +84,7 @@ def hf_kwargs(batch):
 
 def timeit(fn, repeat: int = 3, warmup: int = 1) -> float:
     """Median wall time of `fn()` in seconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return timeit_interleaved({"fn": fn}, repeat, warmup)["fn"]
 
 
 def timeit_interleaved(fns: dict, repeat: int = 3, warmup: int = 1) -> dict:
