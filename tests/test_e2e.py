@@ -70,8 +70,10 @@ UNDERTRAINED_STEPS = 150  # held-out R@1 0.51 (the full demo: 0.89); its samples
 #   pages are not the limit): too little learning for the noise, a clip fraction of 0.002 says the trust region was
 #   never near. Gains of the 45-step run over seeds (1 thread): 24-row minibatches (8 optimizer steps per rollout)
 #   +0.171 / +0.098 / +0.153 (seeds 0 / 1 / 2); 12-row ones +0.108 / +0.062; lr 3e-4 +0.084; 24 rows at lr 2e-4 +0.156.
-#   Hence the demo now: 24-row minibatches and 60 steps (eval every 20), seed 1, the worst: 0.686 / 0.724 / 0.740
-#   (+0.128). GRPO at these settings: 0.648 / 0.698 / 0.733 (+0.121).
+#   Hence the demo now: 24-row minibatches and 60 steps (eval every 20); at steps 20 / 40 / 60, 1 thread: seed 1 (the
+#   worst above) 0.686 / 0.724 / 0.740 (+0.128), seed 3 0.724 / 0.740 / 0.757 (+0.145), seed 4 0.653 / 0.693 / 0.768
+#   (+0.156), 580-610 s with two runs sharing the 2 cores; seed 0 as this test runs it (2 threads): 0.612 -> 0.756 in
+#   355 s. GRPO at these settings: 0.648 / 0.698 / 0.733 (+0.121; 2 threads: 0.733 in 348 s).
 @pytest.mark.parametrize("advantage", ["gae", "grpo"])
 def test_ppo_demo_improves_within_15_minutes(undertrained, advantage, tmp_path):
     """`python train_ppo.py` (PPO with a critic) from the under-trained SFT model raises held-out mean rerank reward
