@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from mmr5.data import DataError, read_mmdocir, read_samples
-from mmr5.metrics import format_table, summarize
+from mmr5.metrics import evaluation_records, format_table, summarize
 from mmr5.reranker import Reranker
 from mmr5.report import write_report
 
@@ -101,10 +101,9 @@ def spread(summaries: list[dict]) -> dict:
     return out
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    out = Path(args.out)
-    try:  # every sample and image is checked before any model work
+def load_samples(args) -> list:
+    """The samples to evaluate, every one and its images checked before any model work."""
+    try:
         if args.data:
             samples = read_samples(args.data)
         else:
@@ -114,6 +113,72 @@ def main(argv=None):
     samples = samples[: args.limit] if args.limit else samples
     if not samples:
         sys.exit("error: no samples to evaluate")
+    return samples
+
+
+def rerank_all(reranker: Reranker, todo: list, pred_path: Path, done: dict, args):
+    """Rerank and score `todo`, appending each query's record to predictions.jsonl as soon as it is done."""
+    bar = tqdm(total=len(todo), desc="evaluate", unit="query", dynamic_ncols=True)
+    gen = torch.Generator(reranker.model.device).manual_seed(args.seed)
+    for start in range(0, len(todo), args.batch_size):
+        chunk = todo[start:start + args.batch_size]
+        results = reranker.rerank_batch([s.query for s in chunk], [s.images for s in chunk], args.temperature,
+                                        args.max_new_tokens, generator=gen)
+        with open(pred_path, "a", encoding="utf-8") as f:
+            for r in evaluation_records(chunk, results):
+                f.write(json.dumps(r) + "\n")
+                done[r["id"]] = r
+        bar.update(len(chunk))
+    bar.close()
+
+
+def sampled_runs(reranker: Reranker, samples: list, args) -> dict:
+    """Mean and spread of recall over `args.samples` runs sampled at `args.sample_temperature`."""
+    runs = []
+    for k in range(args.samples):
+        g = torch.Generator(reranker.model.device).manual_seed(args.seed + 1 + k)
+        results = reranker.rerank_batch([s.query for s in samples], [s.images for s in samples],
+                                        args.sample_temperature, args.max_new_tokens, generator=g, progress=True)
+        runs.append(summarize(evaluation_records(samples, results)))
+    return {"k": args.samples, "temperature": args.sample_temperature, **spread(runs)}
+
+
+def results_of(records: list[dict], args, seconds: float, reranked: int) -> dict:
+    """Every number results.json holds: recall of the reranker, the retriever and the first-id scores, rewards."""
+    n = len(records)
+    return {
+        "model": args.model, "data": args.data or args.mmdocir_annotations, "queries": n,
+        "reranker": summarize(records), "retriever": summarize(records, key="retriever_recall"),
+        "by_score": summarize([r for r in records if r["scores"] is not None] or records, key="score_recall"),
+        "scored_queries": sum(r["scores"] is not None for r in records),
+        "parse_failure_rate": sum(not r["parsed"] for r in records) / n,
+        "mean_format_reward": sum(r["reward_format"] for r in records) / n,
+        "mean_rerank_reward": sum(r["reward_rerank"] for r in records) / n,
+        "mean_output_tokens": sum(r["num_tokens"] for r in records) / n,
+        "queries_per_s": reranked / seconds if reranked else None,
+        "temperature": args.temperature, "max_new_tokens": args.max_new_tokens,
+    }
+
+
+def print_results(results: dict, table: str, args):
+    print(f"\nRecall (%) of the reranker vs the retriever's order (MMDocIR: macro = mean of domain means):\n{table}")
+    if results["scored_queries"]:
+        s = results["by_score"]
+        print(f"ordering by first-id scores ({results['scored_queries']} queries): macro R@1 "
+              f"{100 * s['macro']['recall@1']:.1f}  micro R@1 {100 * s['micro']['recall@1']:.1f}")
+    for name, v in results.get("sampled_runs", {}).items():
+        if isinstance(v, dict):
+            print(f"{args.samples} sampled runs (T={args.sample_temperature}): {name} {100 * v['mean']:.1f} "
+                  f"+- {100 * v['std']:.1f}")
+    qps = f"{results['queries_per_s']:.2f} queries/s" if results["queries_per_s"] else "all resumed"
+    print(f"parse failures {100 * results['parse_failure_rate']:.1f}%  mean format reward "
+          f"{results['mean_format_reward']:.3f}  mean output {results['mean_output_tokens']:.0f} tokens  {qps}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out)
+    samples = load_samples(args)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
         reranker = Reranker.from_pretrained(args.model, args.device, dtype, args.min_pixels, args.max_pixels,
@@ -128,61 +193,16 @@ def main(argv=None):
     todo = [s for s in samples if s.id not in done]
     print(f"{args.model} on {len(samples)} queries ({len(done)} already done), {reranker.model.device} "
           f"{str(reranker.model.dtype).removeprefix('torch.')} -> {out}")
-
     t0 = time.time()
-    bar = tqdm(total=len(todo), desc="evaluate", unit="query", dynamic_ncols=True)
-    gen = torch.Generator(reranker.model.device).manual_seed(args.seed)
-    for start in range(0, len(todo), args.batch_size):
-        chunk = todo[start:start + args.batch_size]
-        records = reranker.evaluate(chunk, args.max_new_tokens, args.temperature, generator=gen)
-        with open(pred_path, "a", encoding="utf-8") as f:  # one line per query as soon as it is done
-            for r in records:
-                f.write(json.dumps(r) + "\n")
-                done[r["id"]] = r
-        bar.update(len(chunk))
-    bar.close()
-    elapsed = time.time() - t0
+    rerank_all(reranker, todo, pred_path, done, args)
     records = [done[s.id] for s in samples]
-
-    model = summarize(records)
-    retriever = summarize(records, key="retriever_recall")
-    by_score = summarize([r for r in records if r["scores"] is not None] or records, key="score_recall")
-    table = format_table(model, retriever)
-    n = len(records)
-    results = {
-        "model": args.model, "data": args.data or args.mmdocir_annotations, "queries": n,
-        "reranker": model, "retriever": retriever, "by_score": by_score,
-        "scored_queries": sum(r["scores"] is not None for r in records),
-        "parse_failure_rate": sum(not r["parsed"] for r in records) / n,
-        "mean_format_reward": sum(r["reward_format"] for r in records) / n,
-        "mean_rerank_reward": sum(r["reward_rerank"] for r in records) / n,
-        "mean_output_tokens": sum(r["num_tokens"] for r in records) / n,
-        "queries_per_s": len(todo) / elapsed if todo else None,
-        "temperature": args.temperature, "max_new_tokens": args.max_new_tokens,
-    }
+    results = results_of(records, args, time.time() - t0, len(todo))
     if args.samples:
-        runs = []
-        for k in range(args.samples):
-            g = torch.Generator(reranker.model.device).manual_seed(args.seed + 1 + k)
-            sampled = reranker.evaluate(samples, args.max_new_tokens, args.sample_temperature, generator=g, progress=True)
-            runs.append(summarize(sampled))
-        results["sampled_runs"] = {"k": args.samples, "temperature": args.sample_temperature, **spread(runs)}
+        results["sampled_runs"] = sampled_runs(reranker, samples, args)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    write_report(out / "report.html", records, {s.id: s.images for s in samples}, table,
-                 f"MM-R5 rerank: {args.model}")
-
-    print(f"\nRecall (%) of the reranker vs the retriever's order (MMDocIR: macro = mean of domain means):\n{table}")
-    if results["scored_queries"]:
-        s = by_score
-        print(f"ordering by first-id scores ({results['scored_queries']} queries): macro R@1 "
-              f"{100 * s['macro']['recall@1']:.1f}  micro R@1 {100 * s['micro']['recall@1']:.1f}")
-    for name, v in results.get("sampled_runs", {}).items():
-        if isinstance(v, dict):
-            print(f"{args.samples} sampled runs (T={args.sample_temperature}): {name} {100 * v['mean']:.1f} "
-                  f"+- {100 * v['std']:.1f}")
-    qps = f"{results['queries_per_s']:.2f} queries/s" if results["queries_per_s"] else "all resumed"
-    print(f"parse failures {100 * results['parse_failure_rate']:.1f}%  mean format reward "
-          f"{results['mean_format_reward']:.3f}  mean output {results['mean_output_tokens']:.0f} tokens  {qps}")
+    table = format_table(results["reranker"], results["retriever"])
+    write_report(out / "report.html", records, {s.id: s.images for s in samples}, table, f"MM-R5 rerank: {args.model}")
+    print_results(results, table, args)
     print(f"wrote {out / 'results.json'}, {pred_path}, {out / 'report.html'}")
 
 

@@ -1,17 +1,18 @@
-"""Training checkpoints: all a run needs to continue exactly, as safetensors + JSON (never pickle); Ctrl-C.
+"""Training checkpoints: all a run needs to continue exactly, as safetensors + JSON (never pickle).
 
-Used by train_sft.py and train_ppo.py. A checkpoint is a folder `checkpoints/step-000120/` holding
+Used by the run scaffold (mmr5/run.py). A checkpoint is a folder `checkpoints/step-000120/` holding
 `weights.safetensors` (the trained tensors: adapters with LoRA, else the whole model), `optimizer.safetensors`,
 `rng.safetensors` and `state.json` (step, data position, schedule, optimizer hyper-parameters, metrics...).
 Folders are written under a temporary name and renamed when complete; then `checkpoints/latest` (one line, replaced
 atomically) is pointed at the new one and older folders are deleted. A kill at any moment leaves `latest` naming a
 complete checkpoint.
+
+Pipeline: weights -> [checkpoint] -> run.
 """
 import json
 import os
 import random
 import shutil
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -138,43 +139,6 @@ def resume_checkpoint(out_dir, args, run_identity: tuple[str, ...]):
             flags = ", ".join("--" + k.replace("_", "-") for k in changed)
             raise SystemExit(f"error: {out_dir} holds a run with different {flags}; use another --out or --no-resume")
     return loaded
-
-
-class StopFlag:
-    """First Ctrl-C (or SIGTERM): the loop finishes its step, saves a checkpoint and exits. Second: stop at once."""
-
-    def __init__(self):
-        self.requested = False
-        signal.signal(signal.SIGINT, self.handle)
-        signal.signal(signal.SIGTERM, self.handle)
-
-    def handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this step (Ctrl-C again to stop now, without saving)", flush=True)
-
-
-def append_metrics(out_dir, record: dict):
-    """One JSON line in out_dir/metrics.jsonl (what curve.png and a resumed run's history are drawn from)."""
-    with open(Path(out_dir) / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def rewind_metrics(out_dir, step: int):
-    """Drop metrics.jsonl records after `step`: a resumed run redoes those steps and logs them again."""
-    path = Path(out_dir) / "metrics.jsonl"
-    if path.exists():
-        keep = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    keep.append(line + "\n")
-            except json.JSONDecodeError:
-                pass  # a line cut by a kill
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(keep))
-        os.replace(tmp, path)
 
 
 def write_checkpoint(out_dir, step: int, weights: dict, optimizer_state: tuple[dict, dict], state: dict):

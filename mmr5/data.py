@@ -28,6 +28,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 FIELDS = ("id", "query", "images", "positives", "num_relevant", "domain", "response")
@@ -182,6 +183,18 @@ def read_samples(path, require_response: bool = False, check_images: bool = True
             raise DataError(f"{path}:{n}: {e}") from None
         samples.append(sample)
     return samples
+
+
+def sample_order(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Indices of the samples for optimizer step `step`: epochs are seeded shuffles, read in order, so a resumed
+    run (which knows only `step`) sees exactly the batches the uninterrupted run would have."""
+    start = step * batch_size
+    indices = []
+    while len(indices) < batch_size:
+        epoch, offset = divmod(start + len(indices), n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+        indices += order[offset: offset + batch_size - len(indices)]
+    return indices
 
 
 def _relative(image: str, folder: str) -> str:

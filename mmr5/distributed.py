@@ -49,10 +49,9 @@ def map_large_allocations(threshold: int = 8 << 20) -> bool:
 
     Why: CPU tensors live in malloc'd memory, and glibc raises its mmap threshold (up to 32 MB) whenever a mapped
     block is freed; from then on activation-sized tensors come from the heap, which fragments and is not given
-    back. Measured on a 3B-wide SFT step with gradient checkpointing: the process grew ~0.1 GiB per decoder layer
-    beyond the live tensors (~3.6 GiB over 36 layers); with a fixed 8 MB threshold only by the checkpoints (its
-    11 MB hidden states are mapped). Each mapping costs page faults: at 1 MB the demo's SFT step (smaller tensors)
-    ran 25% slower, at 8 MB within noise. False (and nothing changed) where the C library is not glibc.
+    back, so a 3B-wide SFT step grew by gigabytes beyond its live tensors; 8 MB keeps activation-sized blocks mapped
+    without the page-fault cost of a lower threshold (bench/README.md). False (and nothing changed) where the C
+    library is not glibc.
     """
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
@@ -76,15 +75,6 @@ def all_sum(x: float, d: Dist) -> float:
     t = torch.tensor(float(x), dtype=torch.float64, device=d.device)
     dist.all_reduce(t)
     return t.item()
-
-
-def gather(obj, d: Dist) -> list:
-    """Every rank's `obj`, in rank order (a list of one when alone)."""
-    if d.world == 1:
-        return [obj]
-    out = [None] * d.world
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def wrap(model: nn.Module, d: Dist, fsdp: bool) -> nn.Module:

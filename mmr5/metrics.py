@@ -1,14 +1,16 @@
 """Recall@k as MMDocIR reports it: per question, per domain (macro) and over all questions (micro).
 
-Pipeline: data -> processor -> model -> sampler -> rewards -> [metrics]. Evaluation reranks each question's
-candidates, scores the ranking with `recall_at_k`, and `summarize` / `format_table` turn the per-question records
-into the numbers and the table a run prints. Plain Python: nothing from mmr5, no torch.
+Pipeline: data -> processor -> model -> sampler -> rewards -> [metrics] -> reranker. Evaluation reranks each
+question's candidates, `evaluation_records` scores each ranking (recall_at_k, the rewards), and `summarize` /
+`format_table` turn the per-question records into the numbers and the table a run prints. No torch.
 
 MMDocIR's recall@k of a question is |top-k ∩ ground truth| / |ground truth|, where the ground truth counts every
 relevant page of the question, also those the first-stage retriever did not put among the candidates: a reranker
 cannot recover what it never saw, and the metric says so. Its tables give per-domain means and their macro
 average; we print the micro average (over questions) too.
 """
+from mmr5.rewards import fused_reward
+
 
 
 def recall_at_k(order: list[int], positives: list[int], k: int, num_relevant: int | None = None) -> float:
@@ -27,6 +29,26 @@ def recall_at_k(order: list[int], positives: list[int], k: int, num_relevant: in
         return 0.0
     top = {i + 1 for i in order[:k]}
     return len(top & set(positives)) / num_relevant
+
+
+def evaluation_records(samples, results, ks=(1, 3, 5)) -> list[dict]:
+    """One record per `mmr5.data.Sample` and its `RerankResult`: the answer, recall@k (MMDocIR), the retriever's
+    recall@k, the recall of ordering by the first-id scores, and the rewards."""
+    records = []
+    for s, r in zip(samples, results):
+        # Ordering by the first-id scores (ties and missing scores keep the generated order).
+        by_score = r.order if r.scores is None else sorted(r.order, key=lambda i: -r.scores[i])
+        rec = {"id": s.id, "domain": s.domain, "query": s.query, "order": r.order, "parsed": r.parsed,
+               "text": r.text, "scores": r.scores, "score_order": by_score, "num_tokens": r.num_tokens,
+               "positives": s.positives, "num_relevant": s.num_relevant}
+        for k in ks:
+            rec[f"recall@{k}"] = recall_at_k(r.order, s.positives, k, s.num_relevant)
+            rec[f"score_recall@{k}"] = recall_at_k(by_score, s.positives, k, s.num_relevant)
+            rec[f"retriever_recall@{k}"] = recall_at_k(list(range(len(s.images))), s.positives, k, s.num_relevant)
+        rec.update({f"reward_{k}" if k != "reward" else k: v
+                    for k, v in fused_reward(r.text, s.positives, len(s.images)).items()})
+        records.append(rec)
+    return records
 
 
 def _recall(record: dict, key: str, k: int) -> float:

@@ -1,27 +1,13 @@
 """Training curves drawn with pillow (no matplotlib at run time): one panel per metric, stacked vertically.
 
-Used by train_sft.py and train_ppo.py to turn metrics.jsonl into curve.png after every log.
+Used by the run scaffold (mmr5/run.py) to turn metrics.jsonl into curve.png after every log.
 """
-import json
 import math
-from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
 WIDTH, PANEL, MARGIN = 720, 200, 56
 COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
-
-
-def read_metrics(path) -> list[dict]:
-    """The records of a metrics.jsonl file (a half-written last line, after a kill, is skipped)."""
-    records = []
-    if Path(path).exists():
-        for line in Path(path).read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    return records
 
 
 def _ticks(lo: float, hi: float, count: int = 4) -> list[float]:

@@ -18,7 +18,7 @@ Every forward over a rollout runs each prompt once and its group's responses on 
 (`shared_prompt_states`): the prompt is most of each sequence, and minibatches are whole groups.
 """
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -28,25 +28,65 @@ from mmr5.model import KVCache, Qwen2VL
 from mmr5.sampler import Rollout
 
 
+def setting(default, help: str, **flag):
+    """A PPOConfig field with its --help text (and argparse extras such as choices): the one place a default lives."""
+    return field(default=default, metadata={"help": help, **flag})
+
+
 @dataclass
 class PPOConfig:
-    advantage: str = "gae"  # "gae" (critic + GAE) or "grpo" (group-normalised scores, no critic)
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip: float = 0.2  # policy ratio clip (eps)
-    value_clip: float = 0.2  # value clip around the rollout's values (eps_v)
-    vf_coef: float = 0.5
-    entropy_coef: float = 0.0
-    kl_coef: float = 0.05  # beta (the release's GRPO: 0.04)
-    kl_in: str = "reward"  # "reward": k1 in every token's reward; "loss": k3 in the loss
-    target_kl: float | None = None  # adaptive beta (Ziegler et al. 2019) aiming at this KL per sequence
-    kl_horizon: int = 10000
-    epochs: int = 2  # passes over each rollout (the release: 2 iterations)
-    minibatch_size: int = 8  # rows per optimizer step
-    micro_batch_size: int = 8  # rows per forward (gradient accumulation inside a minibatch)
-    max_log_ratio: float = 20.0  # log-ratios are clamped to +-this before exp(): no inf, no NaN
-    reward_clip: float = 10.0
-    grad_clip: float = 1.0
+    """Every PPO / GRPO setting with its default; train_ppo.py makes one flag of each field."""
+    # rollouts and rewards
+    steps: int = setting(100, "PPO steps (rollout + update)")
+    prompts_per_step: int = setting(8, "queries per rollout")
+    samples: int = setting(4, "responses per query (the release: 4)")
+    temperature: float = setting(1.0, "sampling temperature (the release: 1.0)")
+    max_new_tokens: int = setting(1024, "response budget (the release: 2048)")
+    w_rerank: float = setting(1.0, "weight of the rerank reward")
+    w_format: float = setting(1.0, "weight of the format reward")
+    w_think: float = setting(0.0, "weight of the think reward (our extension)")
+    reward_clip: float = setting(10.0, "clip sequence scores to +-this")
+    # the estimator and its losses
+    advantage: str = setting("gae", "PPO with a critic, or the release's GRPO", choices=["gae", "grpo"])
+    critic: str = setting("shared", "value head on the policy's trunk, or on a separate copy of the model",
+                          choices=["shared", "separate"])
+    kl_coef: float = setting(0.05, "beta: weight of KL(policy || reference) (the release's GRPO: 0.04)")
+    kl_in: str | None = setting(None, "k1 per token in the reward, or k3 in the loss (default: reward for gae, "
+                                "loss for grpo)", choices=["reward", "loss"], type=str)
+    target_kl: float | None = setting(None, "adapt beta toward this KL per sequence (default: fixed beta)",
+                                      type=float)
+    kl_horizon: int = setting(10000, "horizon of the adaptive KL controller")
+    gamma: float = setting(1.0, "GAE discount")
+    lam: float = setting(0.95, "GAE lambda")
+    clip: float = setting(0.2, "policy ratio clip (eps)")
+    value_clip: float = setting(0.2, "value prediction clip around the rollout's values (eps_v)")
+    vf_coef: float = setting(0.5, "value loss weight")
+    entropy_coef: float = setting(0.0, "entropy bonus weight")
+    max_log_ratio: float = setting(20.0, "log-ratios are clamped to +-this before exp(): no inf, no NaN")
+    # optimisation
+    epochs: int = setting(2, "passes over each rollout (the release: 2)")
+    minibatch_size: int = setting(8, "rollout rows per optimizer step")
+    micro_batch_size: int = setting(4, "rows per forward (gradient accumulation)")
+    lr: float = setting(1e-5, "learning rate (the release: 1e-5 with LoRA r64)")
+    critic_lr: float | None = setting(None, "learning rate of the value head (and of a separate critic model); "
+                                      "default 10x --lr: the zero-initialised head must reach the rewards' scale "
+                                      "within a few steps, or GAE's advantages are mostly the critic's error",
+                                      type=float)
+    critic_warmup: int = setting(0, "first N steps train only the critic")
+    grad_clip: float = setting(1.0, "clip the gradient norm (0 = off)")
+
+    def __post_init__(self):
+        positive = ("steps", "prompts_per_step", "samples", "max_new_tokens", "epochs", "minibatch_size",
+                    "micro_batch_size")
+        bad = [name for name in positive if getattr(self, name) <= 0]
+        if bad:
+            raise ValueError(f"--{bad[0].replace('_', '-')} must be positive")
+        self.critic_lr = self.critic_lr if self.critic_lr is not None else 10 * self.lr
+        if self.lr <= 0 or self.critic_lr <= 0 or self.temperature < 0 or self.kl_coef < 0 or self.clip <= 0:
+            raise ValueError("--lr, --critic-lr and --clip must be positive, --temperature and --kl-coef non-negative")
+        if self.advantage == "grpo" and self.samples < 2:
+            raise ValueError("--advantage grpo compares samples of one prompt: --samples must be >= 2")
+        self.kl_in = self.kl_in or ("reward" if self.advantage == "gae" else "loss")
 
 
 class ValueHead(nn.Module):
@@ -184,21 +224,12 @@ class Experience:
 
 @torch.no_grad()
 def encode_pages(model: Qwen2VL, batch: dict) -> tuple[list, list]:
-    """Vision features of a prompt batch, split per prompt (rows own consecutive images, in order)."""
+    """Vision features and image_grid_thw rows of a prompt batch, split per prompt (`images_per_row`)."""
     grid = batch["image_grid_thw"]
     features = model.visual(batch["pixel_values"].to(model.device), grid)
-    per_image = (grid.prod(-1) // model.config.vision.spatial_merge_size ** 2).tolist()
-    per_row = (batch["input_ids"] == model.config.image_token_id).sum(1).tolist()
-    out_f, out_g, start_token, start_image = [], [], 0, 0
-    for tokens in per_row:
-        count, acc = 0, 0
-        while acc < tokens:
-            acc += per_image[start_image + count]
-            count += 1
-        out_f.append(features[start_token:start_token + tokens])
-        out_g.append(grid[start_image:start_image + count])
-        start_token, start_image = start_token + tokens, start_image + count
-    return out_f, out_g
+    per_row = batch["images_per_row"].tolist()
+    tokens_per_row = (grid.prod(-1) // model.config.vision.spatial_merge_size ** 2).split(per_row)
+    return list(features.split([int(t.sum()) for t in tokens_per_row])), list(grid.split(per_row))
 
 
 def response_forward(model: Qwen2VL, exp: Experience, rows, logprobs=True, values=False, forward=None):
@@ -206,9 +237,8 @@ def response_forward(model: Qwen2VL, exp: Experience, rows, logprobs=True, value
 
     V comes from `model.value_head`. `forward` is the module to run (a DDP wrapper; the model itself by default).
     When one forward gives both log-probs and values (the value head on the policy's own trunk, `--critic shared`),
-    the value loss trains the head only, never the trunk: measured on the demo, its gradient there drives the
-    policy's entropy up (0.07 -> 0.2 nats per token in 20 steps) and its KL to the reference with it, long before the
-    critic predicts anything. A separate critic model is trained whole.
+    the value loss trains the head only, never the trunk: its gradient there drives the policy's entropy and KL up
+    long before the critic predicts anything (bench/README.md). A separate critic model is trained whole.
     """
     device = model.device
     run = forward or model
@@ -235,8 +265,8 @@ def shared_prompt_states(model: Qwen2VL, run, exp: Experience, rows) -> torch.Te
 
     A group's responses share their prompt (most of each sequence: ~300 of ~400 tokens in the demo), so the prompts
     of `rows` are run once each into a KV cache, and the responses then run on top of their prompt's keys and
-    values, exactly as the sampler decoded them. Gradients flow through the cache into the prompt's layers. Measured
-    on the demo (16 rows, 4 prompts): forward + backward 2.5x faster than repeating the prompt in every row.
+    values, exactly as the sampler decoded them. Gradients flow through the cache into the prompt's layers; this is
+    several times faster than repeating the prompt in every row (bench/README.md).
     """
     device = model.device
     L, T = exp.prompt_len, exp.mask.shape[1]

@@ -231,7 +231,8 @@ class Processor:
         """Batch of rerank prompts (optionally + responses) -> model inputs, left padded with `pad_id`.
 
         Returns input_ids / attention_mask [B, L] int64, pixel_values and image_grid_thw (images of all rows
-        concatenated in row order) and prompt_lengths [B] (unpadded prompt tokens per row).
+        concatenated in row order), images_per_row [B] (which of those images belong to which row) and
+        prompt_lengths [B] (unpadded prompt tokens per row).
         With `responses`, row b is prompt + response + `<|im_end|>` + "\\n" (what the chat template renders after
         an assistant message) and `labels_mask` [B, L] bool marks the tokens a policy is trained to produce:
         the response and its closing `<|im_end|>` -- not the prompt, not the trailing "\\n", not padding.
@@ -266,7 +267,8 @@ class Processor:
             attention_mask[b, length - len(ids):] = 1
             labels_mask[b, length - len(ids):] = torch.tensor(labels, dtype=torch.bool)
         batch = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=torch.cat(all_patches),
-                     image_grid_thw=torch.cat(all_grids), prompt_lengths=torch.tensor(prompt_lengths))
+                     image_grid_thw=torch.cat(all_grids), images_per_row=torch.tensor([len(g) for g in all_grids]),
+                     prompt_lengths=torch.tensor(prompt_lengths))
         if responses is not None:
             batch["labels_mask"] = labels_mask
         return batch

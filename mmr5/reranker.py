@@ -17,8 +17,7 @@ from tqdm import tqdm
 
 from mmr5.model import Qwen2VL
 from mmr5.processor import Processor
-from mmr5.metrics import recall_at_k
-from mmr5.rewards import fused_reward, parse_order
+from mmr5.rewards import parse_order
 from mmr5.sampler import generate
 
 ANSWER_OPEN = "<answer>["
@@ -76,8 +75,8 @@ class Reranker:
 
     def rerank_batch(self, queries: list[str], images_lists: list, temperature: float = 0.0,
                      max_new_tokens: int = 1024, scores: bool = True, generator: torch.Generator | None = None,
-                     progress: bool = False, keep_going=None) -> list[RerankResult]:
-        """Rank many queries' candidates, `batch_size` queries per generate call (`keep_going`: see generate)."""
+                     progress: bool = False) -> list[RerankResult]:
+        """Rank many queries' candidates, `batch_size` queries per generate call."""
         if isinstance(queries, str) or any(isinstance(images, (str, Path)) for images in images_lists):
             raise TypeError("rerank_batch takes a list of queries and a list of image lists; rerank takes one query "
                             "and a list of images (a single path is not a list)")
@@ -89,7 +88,7 @@ class Reranker:
             qs, ims = queries[s:s + self.batch_size], images_lists[s:s + self.batch_size]
             batch = self.processor.rerank_inputs(qs, ims)
             rollout = generate(self.model, self.processor, batch, max_new_tokens=max_new_tokens, temperature=temperature,
-                               generator=generator, keep_going=keep_going)
+                               generator=generator)
             first = self.first_id_scores(batch, rollout.texts, [len(i) for i in ims]) if scores else [None] * len(qs)
             for text, images, sc, length in zip(rollout.texts, ims, first, rollout.lengths.tolist()):
                 order, parsed = parse_order(text, len(images))
@@ -124,24 +123,3 @@ class Reranker:
             else:
                 out.append(digit_logits[b, :n].softmax(-1).tolist())
         return out
-
-    def evaluate(self, samples, max_new_tokens: int = 1024, temperature: float = 0.0, ks=(1, 3, 5),
-                 generator: torch.Generator | None = None, progress: bool = False, keep_going=None) -> list[dict]:
-        """Rerank `mmr5.data.Sample`s and score each: recall@k (MMDocIR), the retriever's recall@k, rewards."""
-        results = self.rerank_batch([s.query for s in samples], [s.images for s in samples], temperature,
-                                    max_new_tokens, generator=generator, progress=progress, keep_going=keep_going)
-        records = []
-        for s, r in zip(samples, results):
-            # Ordering by the first-id scores (ties and missing scores keep the generated order).
-            by_score = r.order if r.scores is None else sorted(r.order, key=lambda i: -r.scores[i])
-            rec = {"id": s.id, "domain": s.domain, "query": s.query, "order": r.order, "parsed": r.parsed,
-                   "text": r.text, "scores": r.scores, "score_order": by_score, "num_tokens": r.num_tokens,
-                   "positives": s.positives, "num_relevant": s.num_relevant}
-            for k in ks:
-                rec[f"recall@{k}"] = recall_at_k(r.order, s.positives, k, s.num_relevant)
-                rec[f"score_recall@{k}"] = recall_at_k(by_score, s.positives, k, s.num_relevant)
-                rec[f"retriever_recall@{k}"] = recall_at_k(list(range(len(s.images))), s.positives, k, s.num_relevant)
-            rec.update({f"reward_{k}" if k != "reward" else k: v
-                        for k, v in fused_reward(r.text, s.positives, len(s.images)).items()})
-            records.append(rec)
-        return records

@@ -70,7 +70,7 @@ def pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, rac
 @torch.no_grad()
 def generate(model: Qwen2VL, processor, batch: dict, max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, n: int = 1, stop_ids=None, generator: torch.Generator | None = None,
-             check_every: int = 8, compile: bool = False, keep_going=None) -> Rollout:
+             check_every: int = 8, compile: bool = False, keep_going=None, image_features=None) -> Rollout:
     """Sample `n` responses per prompt of a left-padded `batch` (as `Processor.rerank_inputs` builds it; an
     `image_features` entry, the vision tower's output, is used instead of running it on `pixel_values`).
 
@@ -104,7 +104,7 @@ def generate(model: Qwen2VL, processor, batch: dict, max_new_tokens: int, temper
     size = -(-(L + max_new_tokens) // 128) * 128 if compile else L + max_new_tokens
     cache = KVCache(model.config.text, B, size, dtype, device)
     logits = model(input_ids, attention_mask, pixel_values, grid, position_ids=positions, cache=cache,
-                   logits_to_keep=1, image_features=batch.get("image_features")).logits[:, -1].float()
+                   logits_to_keep=1, image_features=image_features).logits[:, -1].float()
     next_position = attention_mask.sum(1) + deltas  # position of the first generated token, per row
     if n > 1:  # group sampling: copy the prompt's cache n ways instead of recomputing it
         cache = cache.repeat_interleave(n)

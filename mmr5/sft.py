@@ -1,4 +1,4 @@
-"""Supervised fine-tuning on reasoning chains: the loss, the schedule and the data order (train_sft.py loops).
+"""Supervised fine-tuning on reasoning chains: the batch, the loss and the schedule (train_sft.py loops).
 
 Pipeline: data -> processor -> model -> [sft] (-> ppo next). Each sample is MM-R5's rerank prompt (system turn,
 question, the candidate pages) followed by the target `<think>...</think><answer>[...]</answer>`; the loss is the
@@ -43,15 +43,3 @@ def learning_rate(step: int, total: int, peak: float, warmup: int, min_ratio: fl
         return peak * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def sample_order(n: int, batch_size: int, step: int, seed: int) -> list[int]:
-    """Indices of the samples for optimizer step `step`: epochs are seeded shuffles, read in order, so a resumed
-    run (which knows only `step`) sees exactly the batches the uninterrupted run would have."""
-    start = step * batch_size
-    indices = []
-    while len(indices) < batch_size:
-        epoch, offset = divmod(start + len(indices), n)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
-        indices += order[offset: offset + batch_size - len(indices)]
-    return indices

@@ -14,7 +14,7 @@ targets):
     <think>The question asks for a red triangle. Image 1: blue no, circle no, so no. Image 2: red yes, triangle yes,
     so yes. ... Relevant: 2.</think><answer>[2, 1, 3, 4, 5]</answer>
 
-The wording is shaped for a ~1M-parameter model (measured; see `make_response`).
+The wording is shaped for what a ~1M-parameter model can learn (see `make_response`).
 """
 import json
 import math
@@ -79,8 +79,7 @@ def make_response(target: tuple[str, str], pages: list[tuple[str, str]]) -> str:
 
     Why this wording: a tiny model learns relevance only as *local* comparisons. "blue no" compares the word just
     written with the restated colour; "so no" combines the two checks right before it; "Relevant: 2" copies the ids
-    whose check said yes. Captions followed by a single verdict ("a blue circle; no") or a final "the red triangle
-    is in Image 2" stayed at chance for 300+ steps in our measurements; this reached R@1 0.95 in 300.
+    whose check said yes. Captions followed by a single verdict stayed at chance (bench/README.md).
     """
     positives = [i for i, page in enumerate(pages, 1) if page == target]
     if not positives:

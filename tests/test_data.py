@@ -5,7 +5,7 @@ import os
 import pytest
 from PIL import Image
 
-from mmr5.data import DataError, Sample, read_mmdocir, read_samples, write_samples
+from mmr5.data import DataError, Sample, read_mmdocir, read_samples, sample_order, write_samples
 
 
 def png(path, color=(200, 30, 30)):
@@ -296,3 +296,10 @@ def test_mmdocir_bad_annotations_and_pages(mmdocir):
     assert len(read(mmdocir, check_images=False)) == 4
     with pytest.raises(ValueError, match="top_k"):
         read(mmdocir, top_k=0)
+
+
+def test_sample_order():
+    seen = [i for step in range(5) for i in sample_order(7, 3, step, seed=1)]  # 15 draws over epochs of 7
+    assert sorted(seen[:7]) == list(range(7)) and sorted(seen[7:14]) == list(range(7))
+    assert seen[:7] != seen[7:14]  # each epoch is its own shuffle
+    assert sample_order(7, 3, 3, seed=1) == seen[9:12]  # a resumed run at step 3 draws the same batch

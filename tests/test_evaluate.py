@@ -54,13 +54,13 @@ def test_resume_keeps_finished_queries(tiny_model_dirs, eval_data, tmp_path, mon
     run(tiny_model_dirs["qwen2_vl"], eval_data, out, "--limit", 2)
     first = (out / "predictions.jsonl").read_text().splitlines()
     seen = []
-    real = evaluate.Reranker.evaluate
+    real = evaluate.Reranker.rerank_batch
 
-    def counting(self, samples, *a, **k):
-        seen.extend(s.id for s in samples)
-        return real(self, samples, *a, **k)
+    def counting(self, queries, *a, **k):
+        seen.extend(queries)
+        return real(self, queries, *a, **k)
 
-    monkeypatch.setattr(evaluate.Reranker, "evaluate", counting)
+    monkeypatch.setattr(evaluate.Reranker, "rerank_batch", counting)
     run(tiny_model_dirs["qwen2_vl"], eval_data, out, "--resume")
     lines = (out / "predictions.jsonl").read_text().splitlines()
     assert lines[:2] == first and len(lines) == 5

@@ -272,6 +272,7 @@ def test_rerank_inputs_match_reference_processor(proc, hf):
     assert batch["input_ids"].dtype == batch["attention_mask"].dtype == torch.int64
     assert batch["input_ids"][0, 0].item() == proc.pad_id and batch["attention_mask"][:, -1].all()
     assert batch["prompt_lengths"].tolist() == batch["attention_mask"].sum(1).tolist()
+    assert batch["images_per_row"].tolist() == [len(i) for i in images]
     assert (batch["input_ids"] == proc.image_pad_id).sum().item() == (batch["image_grid_thw"].prod(1) // 4).sum().item()
     assert "labels_mask" not in batch
 

@@ -36,7 +36,7 @@ def test_greedy_matches_hf_generate(tiny_model_dirs, version, dtype):
     assert len(set(batch["attention_mask"].sum(1).tolist())) == 3  # rows of different lengths: left padding
     stops = [proc.im_end_id, proc.endoftext_id]
     ours = generate(model, proc, batch, max_new_tokens=40, temperature=0.0)
-    inputs = {k: v for k, v in batch.items() if k != "prompt_lengths"}
+    inputs = {k: v for k, v in batch.items() if k not in ("prompt_lengths", "images_per_row")}
     with torch.no_grad():
         out = ref.generate(**inputs, mm_token_type_ids=(batch["input_ids"] == proc.image_pad_id).int(),
                            max_new_tokens=40, do_sample=False, eos_token_id=stops, pad_token_id=proc.pad_id)
@@ -101,7 +101,7 @@ def test_first_token_frequencies_follow_the_model(tiny_model_dirs):
     model, proc = load(tiny_model_dirs["qwen2_vl"])
     batch = rerank_batch(proc, counts=[1], queries=QUERIES[:1])
     with torch.no_grad():
-        logits = model(**{k: v for k, v in batch.items() if k != "prompt_lengths"}).logits[0, -1]
+        logits = model(**{k: v for k, v in batch.items() if k not in ("prompt_lengths", "images_per_row")}).logits[0, -1]
     banned = torch.tensor([proc.image_pad_id, proc.vision_start_id, proc.vision_end_id])
     probs = logits.index_fill(-1, banned, float("-inf")).div(0.3).softmax(-1)
     rollout = generate(model, proc, batch, max_new_tokens=1, n=2000, temperature=0.3,

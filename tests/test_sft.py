@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 from conftest import page_images, save_pages
 
+import mmr5.run
 import train_sft
 from mmr5.data import read_samples
 from mmr5.model import Qwen2VL
 from mmr5.processor import Processor
-from mmr5.sft import learning_rate, sample_order, sft_batch, sft_loss
+from mmr5.sft import learning_rate, sft_batch, sft_loss
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,15 +36,11 @@ def sft_data(tmp_path_factory):
     return d
 
 
-def test_schedule_and_data_order():
+def test_schedule():
     lrs = [learning_rate(s, 100, 1.0, 10, 0.1) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert max(lrs) == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # cosine decay never rises
-    seen = [i for step in range(5) for i in sample_order(7, 3, step, seed=1)]  # 15 draws over epochs of 7
-    assert sorted(seen[:7]) == list(range(7)) and sorted(seen[7:14]) == list(range(7))
-    assert seen[:7] != seen[7:14]  # each epoch is its own shuffle
-    assert sample_order(7, 3, 3, seed=1) == seen[9:12]  # a resumed run at step 3 draws the same batch
 
 
 def test_sft_loss_is_cross_entropy_on_response_tokens(tiny_model_dirs, sft_data):
@@ -87,7 +84,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model_dirs, sft_data, tmp_
     real_order = train_sft.sample_order
     flags = []
 
-    class Stop(train_sft.StopFlag):
+    class Stop(mmr5.run.StopFlag):
         def __init__(self):
             super().__init__()
             flags.append(self)
@@ -98,7 +95,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model_dirs, sft_data, tmp_
             flags[-1].requested = True
         return real_order(*a, **k)
 
-    monkeypatch.setattr(train_sft, "StopFlag", Stop)
+    monkeypatch.setattr(mmr5.run, "StopFlag", Stop)
     monkeypatch.setattr(train_sft, "sample_order", order_then_stop)
     run(common_args(model, sft_data, tmp_path / "resumed"))
     assert (tmp_path / "resumed" / "checkpoints" / "step-000003").exists()
@@ -130,7 +127,7 @@ def test_lora_run_saves_a_merged_model_hf_loads(tiny_model_dirs, sft_data, tmp_p
     proc = Processor.from_pretrained(out)
     batch = proc.rerank_inputs(["q"], [page_images(2)])
     ref = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
-    inputs = {k: v for k, v in batch.items() if k != "prompt_lengths"}
+    inputs = {k: v for k, v in batch.items() if k not in ("prompt_lengths", "images_per_row")}
     with torch.no_grad():
         expected = ref(**inputs, mm_token_type_ids=(batch["input_ids"] == proc.image_pad_id).int()).logits
         got = ours(**inputs).logits

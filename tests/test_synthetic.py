@@ -1,6 +1,5 @@
 """mmr5.synthetic: the built-in demo is deterministic, well-formed, loadable, and answerable from the pixels."""
 import hashlib
-import json
 import random
 from pathlib import Path
 

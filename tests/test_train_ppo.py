@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 from conftest import page_images, save_pages
 
+import mmr5.run
 import train_ppo
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,7 +68,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model_dirs, ppo_data, tmp_
     flags, calls = [], {"n": 0}
     real = train_ppo.sample_order
 
-    class Stop(train_ppo.StopFlag):
+    class Stop(mmr5.run.StopFlag):
         def __init__(self):
             super().__init__()
             flags.append(self)
@@ -78,7 +79,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model_dirs, ppo_data, tmp_
             flags[-1].requested = True
         return real(*a, **k)
 
-    monkeypatch.setattr(train_ppo, "StopFlag", Stop)
+    monkeypatch.setattr(mmr5.run, "StopFlag", Stop)
     monkeypatch.setattr(train_ppo, "sample_order", order_then_stop)
     train_ppo.main(args(model, ppo_data, tmp_path / "resumed"))
     assert [r["step"] for r in metrics(tmp_path / "resumed")] == [1, 2]
