@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import page_images
+from test_data import mmdocir  # noqa: F401 (the fixture: a small MMDocIR release on disk)
 
 import train_sft
 from mmr5 import chains
@@ -224,27 +225,35 @@ def test_refine_pass_and_shuffle(tmp_path, monkeypatch):
         assert s.response == refined(chain, "Summary.")
 
 
-def run_command(args, env):
-    return subprocess.Popen([sys.executable, "-m", "mmr5.chains", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def test_mmdocir_inputs(mmdocir, monkeypatch, capsys):  # noqa: F811
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    args = api_args(Endpoint(), mmdocir / "unused.jsonl", mmdocir / "sft.jsonl")
+    args[:2] = ["--mmdocir-annotations", str(mmdocir / "MMDocIR_annotations.jsonl"), "--mmdocir-pages",
+                str(mmdocir / "pages"), "--mmdocir-retrieval", str(mmdocir / "retrieval.jsonl")]
+    chains.main(args)
+    assert "1 of 4 MMDocIR questions have no evidence page in the retriever's top 5: left out" in capsys.readouterr().out
+    samples = {s.id: s for s in read_samples(mmdocir / "sft.jsonl", require_response=True)}
+    assert sorted(samples) == ["a.pdf#0", "a.pdf#1", "b.pdf#0"]  # in the order they finished
+    assert samples["a.pdf#0"].response.endswith("</think><answer>[2, 1, 3, 4, 5]</answer>")
 
 
-def test_kill_and_rerun_writes_every_sample_once(tmp_path):
+def test_kill_and_rerun_writes_every_sample_once(tmp_path, monkeypatch, capsys):
     data = write_data(tmp_path, [f"question {i}?" for i in range(12)])
     out = tmp_path / "sft.jsonl"
     endpoint = Endpoint(delay=0.1)
     env = {**os.environ, "OPENAI_API_KEY": KEY, "PYTHONPATH": str(ROOT)}
     args = api_args(endpoint, data, out)
-    first = run_command(args, env)
+    first = subprocess.Popen([sys.executable, "-m", "mmr5.chains", *args], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 30
     while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 2):
         time.sleep(0.02)
     first.send_signal(signal.SIGKILL)
     first.wait()
     assert 2 <= out.read_text().count("\n") < 12, "the kill came after the run ended"
-    second = run_command(args, env)
-    stdout, stderr = second.communicate(timeout=60)
-    assert second.returncode == 0, stderr
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    chains.main(args)  # the same command again (in this process: one interpreter start less)
+    stdout = capsys.readouterr().out
     lines = out.read_text().splitlines()
     ids = [json.loads(line)["id"] for line in lines]  # every line valid JSON
     assert sorted(ids) == sorted(f"data.jsonl:{i}" for i in range(1, 13))  # each sample exactly once
