@@ -227,7 +227,12 @@ class HTTPTeacher:
         self.tokens, self.stop = Tokens(), threading.Event()
 
     def ask_many(self, prompts: list[Prompt]) -> list[Reply]:
-        return [self.ask(p) for p in prompts]  # one sample's pages in turn; --workers samples run side by side
+        """One sample's questions in turn (--workers samples run side by side); after a request that failed all
+        its tries the rest are not sent, as the sample is lost anyway."""
+        replies = []
+        for prompt in prompts:
+            replies.append(replies[-1] if replies and replies[-1].error else self.ask(prompt))
+        return replies
 
     def ask(self, prompt: Prompt) -> Reply:
         content = [{"type": "image_url", "image_url": {"url": data_url(prompt.image)}}] if prompt.image else []
@@ -339,9 +344,9 @@ def make_chains(samples: list[Sample], teacher, refine: bool, max_words: int) ->
         results.append((s, bad[0]) if bad else (replace(s, response=assemble([t for t, _ in mine], s.positives)), None))
     if refine:
         ok = [k for k, (_, why) in enumerate(results) if why is None]
-        questions = [Prompt(refine_question(s.query, s.response, s.positives)) for s, _ in (results[k] for k in ok)]
-        for k, (summary, why) in zip(ok, ask_checked(teacher, questions, max_words)):
-            s = results[k][0]
+        chained = [results[k][0] for k in ok]
+        questions = [Prompt(refine_question(s.query, s.response, s.positives)) for s in chained]
+        for k, s, (summary, why) in zip(ok, chained, ask_checked(teacher, questions, max_words)):
             results[k] = (replace(s, response=refined(s.response, summary)), None) if why is None else (s, f"refine: {why}")
     return results
 
@@ -425,7 +430,7 @@ def parse_args(argv=None):
     t.add_argument("--max-new-tokens", type=int, default=256, help="answer budget per call; an answer cut off "
                    "here is rejected")
     t.add_argument("--temperature", type=float, help="default: the API's own (the release sent none); 0.7 for "
-                   "a checkpoint")
+                   "a checkpoint (at 0 a re-ask repeats the answer)")
     t.add_argument("--max-words", type=int, default=60, help="reject page analyses longer than this (brief: 40)")
     h = p.add_argument_group("API teacher")
     h.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key "
