@@ -204,6 +204,17 @@ def _relative(image: str, folder: str) -> str:
     return image if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
 
 
+def sample_record(s: Sample, folder) -> dict:
+    """One sample as a line of a file in `folder` holds it (image paths relative to that folder when inside it)."""
+    record = {"id": s.id, "query": s.query, "images": [_relative(p, folder) for p in s.images],
+              "positives": s.positives, "num_relevant": s.num_relevant, "domain": s.domain, "response": s.response}
+    if not s.id:  # read_samples gives it the default id
+        del record["id"]
+    if s.response is None:
+        del record["response"]
+    return record
+
+
 def write_samples(samples: list[Sample], path) -> None:
     """Write samples in the format read_samples reads, atomically: a temporary file in the same folder, then
     os.replace, so a crash never leaves half a file under the real name."""
@@ -211,15 +222,7 @@ def write_samples(samples: list[Sample], path) -> None:
         raise ValueError("no samples to write (read_samples rejects an empty file)")
     path = Path(path)
     folder = os.path.abspath(path.parent)
-    lines = []
-    for s in samples:
-        record = {"id": s.id, "query": s.query, "images": [_relative(p, folder) for p in s.images],
-                  "positives": s.positives, "num_relevant": s.num_relevant, "domain": s.domain, "response": s.response}
-        if not s.id:  # read_samples gives it the default id
-            del record["id"]
-        if s.response is None:
-            del record["response"]
-        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    lines = [json.dumps(sample_record(s, folder), ensure_ascii=False) + "\n" for s in samples]
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -227,6 +227,30 @@ class Processor:
             start = position + 1
         return expanded + ids[start:]
 
+    def chat_inputs(self, conversations, images_per_conversation):
+        """Batch of chat prompts of one's own (message lists with one image item per image, in order) -> model
+        inputs as rerank_inputs builds them, left padded, the assistant turn opened: input_ids / attention_mask,
+        prompt_lengths, and pixel_values / image_grid_thw (left out when no prompt has an image)."""
+        if len(conversations) != len(images_per_conversation) or not conversations:
+            raise ValueError("chat_inputs needs as many image lists as conversations, at least one")
+        rows, all_patches, all_grids = [], [], []
+        for messages, images in zip(conversations, images_per_conversation):
+            pixel_values, grid = self.images(images)
+            rows.append(self.expand_image_pads(self.encode(self.render(messages)), grid))
+            all_patches.append(pixel_values)
+            all_grids.append(grid)
+        length = max(map(len, rows))
+        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.int64)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.int64)
+        for b, ids in enumerate(rows):
+            input_ids[b, length - len(ids):] = torch.tensor(ids, dtype=torch.int64)
+            attention_mask[b, length - len(ids):] = 1
+        batch = dict(input_ids=input_ids, attention_mask=attention_mask,
+                     prompt_lengths=torch.tensor([len(ids) for ids in rows]))
+        if any(len(images) for images in images_per_conversation):
+            batch.update(pixel_values=torch.cat(all_patches), image_grid_thw=torch.cat(all_grids))
+        return batch
+
     def rerank_inputs(self, queries, images_per_query, responses=None):
         """Batch of rerank prompts (optionally + responses) -> model inputs, left padded with `pad_id`.
 

@@ -277,6 +277,24 @@ def test_rerank_inputs_match_reference_processor(proc, hf):
     assert "labels_mask" not in batch
 
 
+def test_chat_inputs_match_reference_processor(proc, hf):
+    """Prompts of one's own (mmr5.chains' teacher questions): one page then a text, and a text-only one."""
+    images = batch_images([1, 0, 1], seed=2)
+    conversations = [[{"role": "user", "content": ([{"type": "image"}] if ims else [])
+                       + [{"type": "text", "text": f"Why does this page help? {row}"}]}]
+                     for row, ims in enumerate(images)]
+    batch = proc.chat_inputs(conversations, images)
+    texts = [hf.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    expected = hf(text=texts, images=[im for ims in images for im in ims], padding=True, return_tensors="pt")
+    for key in ("input_ids", "attention_mask", "image_grid_thw"):
+        assert torch.equal(batch[key], expected[key]), key
+    assert (batch["pixel_values"] - expected["pixel_values"]).abs().max().item() <= 1e-6
+    assert batch["prompt_lengths"].tolist() == batch["attention_mask"].sum(1).tolist()
+    text_only = proc.chat_inputs(conversations[1:2], [[]])
+    assert "pixel_values" not in text_only and text_only["attention_mask"].all()
+    assert torch.equal(text_only["input_ids"][0], batch["input_ids"][1][batch["attention_mask"][1].bool()])
+
+
 def test_labels_mask_covers_exactly_the_response(proc, hf):
     queries = ["Which page has the table?", "map?"]
     images = batch_images([2, 3], seed=1)
