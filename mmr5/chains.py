@@ -1,5 +1,8 @@
 """Reasoning chains for SFT from a teacher model: MM-R5's data stage, for a user's own documents.
 
+Pipeline: [data] -> processor -> model -> sampler -> rewards -> ppo; chains.py writes SFT data with a teacher (the
+model and sampler, or an API).
+
     python -m mmr5.chains --data samples.jsonl --out sft.jsonl --teacher /models/Qwen2.5-VL-72B-Instruct
     python -m mmr5.chains --data samples.jsonl --out sft.jsonl --teacher http://localhost:8000/v1 \\
         --teacher-model Qwen/Qwen2.5-VL-72B-Instruct      # vLLM's server, GPT-4o, any chat-completions API

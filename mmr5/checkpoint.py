@@ -7,7 +7,7 @@ Folders are written under a temporary name and renamed when complete; then `chec
 atomically) is pointed at the new one and older folders are deleted. A kill at any moment leaves `latest` naming a
 complete checkpoint.
 
-Pipeline: weights -> [checkpoint] -> run.
+Pipeline: after the whole data -> processor -> model -> sampler -> rewards -> ppo line; a part of the scaffold (run.py).
 """
 import json
 import os

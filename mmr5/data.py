@@ -258,6 +258,30 @@ def _mmdocir_doc(obj: dict) -> tuple[str, str, int, list[tuple[str, list[int]]]]
     return name, domain, num_pages, parsed
 
 
+def _mmdocir_ranking(obj: dict, docs: dict, ranked: dict, top_k: int, annotations: str) -> tuple[str, int, list]:
+    """One retrieval line checked against the annotations -> (doc_name, question index, ranked pages)."""
+    unknown = sorted(set(obj) - {"doc_name", "question_index", "ranked_pages", "question"})
+    if unknown:
+        raise DataError(f"unknown field {unknown[0]!r} (fields: doc_name, question_index, ranked_pages, question)")
+    name, i, pages = obj.get("doc_name"), obj.get("question_index"), obj.get("ranked_pages")
+    if name not in docs:
+        raise DataError(f"doc_name {name!r} is not in {annotations}")
+    _, _, num_pages, questions = docs[name]
+    if not _is_int(i) or not 0 <= i < len(questions):
+        raise DataError(f"question_index must be an integer in 0..{len(questions) - 1}, got {i!r}")
+    if "question" in obj and obj["question"] != questions[i][0]:
+        raise DataError(f"question does not match question {i} of {name!r}: {questions[i][0]!r}")
+    if (name, i) in ranked:
+        raise DataError(f"question {i} of {name!r} already on line {ranked[name, i][0]}")
+    if not (isinstance(pages, list) and all(_is_int(p) and 0 <= p < num_pages for p in pages)):
+        raise DataError(f"ranked_pages must be an array of page ids in 0..{num_pages - 1}")
+    if len(set(pages)) < len(pages):
+        raise DataError("ranked_pages repeats a page")
+    if len(pages) < min(top_k, num_pages):
+        raise DataError(f"ranked_pages has {len(pages)} pages, fewer than top_k={top_k}")
+    return name, i, pages
+
+
 def read_mmdocir(annotations_jsonl, pages_dir, retrieval_jsonl, top_k: int = 5,
                  check_images: bool = True) -> list[Sample]:
     """MMDocIR's evaluation set as Samples: each question with its retriever's top_k pages, in annotation order.
@@ -307,26 +331,7 @@ def read_mmdocir(annotations_jsonl, pages_dir, retrieval_jsonl, top_k: int = 5,
     ranked = {}  # (doc_name, question index) -> (line, ranked pages)
     for n, obj in _records(retrieval_jsonl):
         try:
-            unknown = sorted(set(obj) - {"doc_name", "question_index", "ranked_pages", "question"})
-            if unknown:
-                raise DataError(f"unknown field {unknown[0]!r} (fields: doc_name, question_index, ranked_pages, "
-                                "question)")
-            name, i, pages = obj.get("doc_name"), obj.get("question_index"), obj.get("ranked_pages")
-            if name not in docs:
-                raise DataError(f"doc_name {name!r} is not in {annotations_jsonl.name}")
-            _, _, num_pages, questions = docs[name]
-            if not _is_int(i) or not 0 <= i < len(questions):
-                raise DataError(f"question_index must be an integer in 0..{len(questions) - 1}, got {i!r}")
-            if "question" in obj and obj["question"] != questions[i][0]:
-                raise DataError(f"question does not match question {i} of {name!r}: {questions[i][0]!r}")
-            if (name, i) in ranked:
-                raise DataError(f"question {i} of {name!r} already on line {ranked[name, i][0]}")
-            if not (isinstance(pages, list) and all(_is_int(p) and 0 <= p < num_pages for p in pages)):
-                raise DataError(f"ranked_pages must be an array of page ids in 0..{num_pages - 1}")
-            if len(set(pages)) < len(pages):
-                raise DataError("ranked_pages repeats a page")
-            if len(pages) < min(top_k, num_pages):
-                raise DataError(f"ranked_pages has {len(pages)} pages, fewer than top_k={top_k}")
+            name, i, pages = _mmdocir_ranking(obj, docs, ranked, top_k, annotations_jsonl.name)
         except DataError as e:
             raise DataError(f"{retrieval_jsonl}:{n}: {e}") from None
         ranked[name, i] = (n, pages)

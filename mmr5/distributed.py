@@ -1,6 +1,6 @@
 """torchrun support for the scripts: one process per device, DDP by default, FSDP2 (`fully_shard`) on request.
 
-Pipeline position: beside the training loops (used by train_sft.py, train_ppo.py, evaluate.py), not a stage.
+Pipeline: after the whole data -> processor -> model -> sampler -> rewards -> ppo line; a part of the scaffold (run.py).
 Nothing here is home-made parallelism: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK, we call
 `init_process_group` (NCCL on GPUs, gloo on CPU, so CI runs 2 processes on one machine) and wrap the model in
 torch's own DDP or FSDP2. The data of a step is split across ranks by `shard`; losses are normalised by the

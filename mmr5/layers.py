@@ -1,6 +1,7 @@
 """Building blocks the vision tower and the language model share: norms, linears, MLPs, rotary helpers.
 
-Pipeline: data -> processor -> [model: layers -> vision -> model] -> sampler -> rewards -> ppo.
+Pipeline: data -> processor -> [model] -> sampler -> rewards -> ppo; model.py is built from layers.py, vision.py and
+weights.py (this file: layers).
 """
 import torch
 import torch.nn.functional as F

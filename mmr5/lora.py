@@ -1,6 +1,6 @@
 """LoRA written by hand: low-rank adapters on the language model's linear layers, everything else frozen.
 
-Pipeline: data -> processor -> model -> [lora] -> sampler -> rewards -> ppo.
+Pipeline: data -> processor -> [model] -> sampler -> rewards -> ppo; lora.py adapts a built model for training.
 `add_lora` swaps each targeted `nn.Linear` of the decoder (`model.model.*`; never the vision tower, never
 `lm_head`, as peft's "all-linear" and the MM-R5 release) for a `LoRALinear` that keeps the original as `.base`.
 Only the adapters train (SFT: rank 8, alpha 32; RL: rank 64, alpha 128). PPO's frozen reference policy is the

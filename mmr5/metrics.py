@@ -1,6 +1,7 @@
 """Recall@k as MMDocIR reports it: per question, per domain (macro) and over all questions (micro).
 
-Pipeline: data -> processor -> model -> sampler -> rewards -> [metrics] -> reranker. Evaluation reranks each
+Pipeline: data -> processor -> model -> sampler -> [rewards] -> ppo; metrics.py scores evaluations with the rewards.
+Evaluation reranks each
 question's candidates, `evaluation_records` scores each ranking (recall_at_k, the rewards), and `summarize` /
 `format_table` turn the per-question records into the numbers and the table a run prints. No torch.
 

@@ -1,6 +1,6 @@
 """Qwen2-VL / Qwen2.5-VL in plain PyTorch: vision tower + Qwen2 decoder with M-RoPE.
 
-Pipeline: data -> processor -> [model: layers -> vision -> model] -> sampler -> rewards -> ppo.
+Pipeline: data -> processor -> [model] -> sampler -> rewards -> ppo; built from layers.py, vision.py and weights.py.
 The processor turns pages into `pixel_values` [patches, 3*2*14*14] plus `image_grid_thw`, and the prompt into
 `input_ids` where every image is a run of `<|image_pad|>` tokens (one per 2x2 block of patches). Here the vision
 tower encodes the patches, the merged features replace the `<|image_pad|>` embeddings, and the decoder runs with

@@ -1,6 +1,8 @@
 """Training curves drawn with pillow (no matplotlib at run time): one panel per metric, stacked vertically.
 
-Used by the run scaffold (mmr5/run.py) to turn metrics.jsonl into curve.png after every log.
+Pipeline: after the whole data -> processor -> model -> sampler -> rewards -> ppo line; a part of the scaffold
+(run.py), which redraws curve.png from metrics.jsonl
+after every log.
 """
 import math
 

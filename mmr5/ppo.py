@@ -1,6 +1,6 @@
 """PPO with a critic for a vision-language policy: GAE, a value head, KL to a frozen reference, the fused reward.
 
-Pipeline: data -> processor -> model -> lora -> sampler -> rewards -> [ppo]. train_ppo.py samples a rollout
+Pipeline: data -> processor -> model -> sampler -> rewards -> [ppo]. train_ppo.py samples a rollout
 (sampler) and scores it (rewards); `make_experience` and `ppo_update` below are the whole algorithm, top to bottom.
 
 Per response token t of row i (T tokens, `mask` marks the real ones, the last real one is the stop token):

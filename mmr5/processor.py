@@ -1,6 +1,6 @@
 """Qwen2-VL / Qwen2.5-VL input processing for MM-R5: images -> patches, chat -> token ids.
 
-Pipeline: data (query + candidate pages) -> processor (this file) -> model -> sampler -> rewards -> ppo.
+Pipeline: data -> [processor] -> model -> sampler -> rewards -> ppo.
 The processor turns a rerank question and its candidate images into exactly the tensors Hugging Face's
 `Qwen2_5_VLProcessor` would produce for MM-R5's released prompt: `input_ids`, `attention_mask`,
 `pixel_values` [patches, 3*2*14*14] and `image_grid_thw` [images, 3]. It also builds training rows

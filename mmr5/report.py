@@ -1,6 +1,7 @@
 """report.html: one self-contained page a person reads to see *why* the reranker ranked as it did.
 
-Pipeline: ... -> reranker -> metrics -> [report]. Written by evaluate.py from its predictions: each query with
+Pipeline: beside metrics (evaluation), after the whole data -> processor -> model -> sampler -> rewards -> ppo line.
+Written by evaluate.py from its predictions: each query with
 its candidate pages as thumbnails (embedded as base64 JPEG, so the file can be mailed or opened offline) in the
 model's order, relevant pages outlined in green, and the model's reasoning beside them. Worst queries first:
 that is where a person looks.

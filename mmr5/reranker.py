@@ -1,6 +1,7 @@
 """`Reranker`: query + candidate pages in, ranking (with the model's reasoning and per-candidate scores) out.
 
-Pipeline: data -> processor -> model -> sampler -> rewards -> [reranker]. This is the inference entry point a user
+Pipeline: data -> processor -> model -> [sampler] -> rewards -> ppo; reranker.py is inference: processor, model and
+sampler behind one call. This is the inference entry point a user
 calls on a real checkpoint (Qwen2.5-VL / the released MM-R5): it renders MM-R5's prompt, generates the
 `<think>...</think><answer>[...]</answer>` text with the sampler and reads the order as the release does.
 

@@ -1,6 +1,6 @@
 """The scaffold train_sft.py and train_ppo.py share, so that each script's `main` shows only its algorithm.
 
-Pipeline: data -> processor -> model -> sampler -> rewards -> sft / ppo -> [run] -> the scripts.
+Pipeline: after the whole data -> processor -> model -> sampler -> rewards -> ppo line; the scripts' scaffold.
 `Run` owns what every training run does the same way: ranks and device, bf16 autocast, data and model loading with
 one-line errors, resume, checkpoints on a schedule and on Ctrl-C, the metrics log and curve, held-out evaluation and
 the final HF-layout model. A checkpoint holds every trained tensor of `Run.models` by name, so a run resumes exactly.

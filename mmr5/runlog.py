@@ -1,6 +1,6 @@
 """The run log: metrics.jsonl (appended per step, rewound on resume, read back for curve.png) and the stop flag.
 
-Pipeline: a side file of the scaffold (mmr5/run.py); it imports nothing from mmr5.
+Pipeline: after the whole data -> processor -> model -> sampler -> rewards -> ppo line; a part of the scaffold (run.py).
 """
 import json
 import os

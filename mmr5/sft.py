@@ -1,6 +1,7 @@
 """Supervised fine-tuning on reasoning chains: the batch, the loss and the schedule (train_sft.py loops).
 
-Pipeline: data -> processor -> model -> [sft] (-> ppo next). Each sample is MM-R5's rerank prompt (system turn,
+Pipeline: data -> processor -> model -> sampler -> rewards -> [ppo]; sft.py is the supervised stage that comes
+before ppo, on the same model. Each sample is MM-R5's rerank prompt (system turn,
 question, the candidate pages) followed by the target `<think>...</think><answer>[...]</answer>`; the loss is the
 next-token cross-entropy on the response tokens only (`labels_mask`): the prompt and the images are context.
 """

@@ -1,6 +1,7 @@
 """The built-in demo task: synthetic pages, rerank samples, a tokenizer and a tiny random Qwen2.5-VL, on disk.
 
-Pipeline: [data] -> processor -> model -> sampler -> rewards -> ppo. Real checkpoints and MMDocIR cannot be had
+Pipeline: [data] -> processor -> model -> sampler -> rewards -> ppo; synthetic.py makes the built-in demo's data,
+tokenizer and model. Real checkpoints and MMDocIR cannot be had
 everywhere, so `build_demo` makes a task a small model learns in minutes on a CPU, in exactly the files the real
 pipeline reads: PNG pages, JSONL samples (the `mmr5.data` format, with MM-R5-style SFT targets), and a model
 directory (config.json + safetensors + tokenizer.json + preprocessor/chat files) that `Qwen2VL.from_pretrained`
@@ -95,20 +96,28 @@ def make_response(target: tuple[str, str], pages: list[tuple[str, str]]) -> str:
             f"</think><answer>[{', '.join(map(str, order))}]</answer>")
 
 
-def make_sample(rng: random.Random, pages_dir: Path, split: str, index: int) -> dict:
+def make_sample(rng: random.Random, pages_dir: Path, split: str, index: int, candidates: int = CANDIDATES,
+                hard: bool = False) -> dict:
     """One JSONL record: a query for a random (colour, shape), 1-2 pages showing it and other pages, shuffled; each
     page is rendered fresh and saved under `pages_dir` (paths in the record are relative to its parent).
 
     One question in five has two relevant pages. MMDocIR's Recall@1 gives those at most 0.5, so a perfect model
     scores 0.9 and chance 0.2.
 
-    Negatives may share the colour or the shape with the target, so both must be checked. domain = the shape asked
-    for (per-domain recall). File names are numbered: nothing but the pixels tells what a page shows.
+    Negatives may share the colour or the shape with the target, so both must be checked. `hard` (the RL stage's
+    prompts, harder than SFT's as in the paper): 1-3 relevant pages and every negative a near miss that shares one
+    attribute with the target. domain = the shape asked for (per-domain recall). File names are numbered: nothing
+    but the pixels tells what a page shows.
     """
     combos = [(c, s) for c in COLOURS for s in SHAPES]
     target = rng.choice(combos)
-    n_pos = 1 if rng.random() < 0.8 else 2
-    pages = [target] * n_pos + [rng.choice([c for c in combos if c != target]) for _ in range(CANDIDATES - n_pos)]
+    if hard:
+        n_pos = rng.choice((1, 2, 3))
+        others = [c for c in combos if c != target and (c[0] == target[0] or c[1] == target[1])]
+    else:
+        n_pos = 1 if rng.random() < 0.8 else 2
+        others = [c for c in combos if c != target]
+    pages = [target] * n_pos + [rng.choice(others) for _ in range(candidates - n_pos)]
     rng.shuffle(pages)
     images = []
     for i, (colour, shape) in enumerate(pages):

@@ -1,5 +1,8 @@
 """Build a tiny Qwen2-style tokenizer and write it out in the Hugging Face layout.
 
+Pipeline: [data] -> processor -> model -> sampler -> rewards -> ppo; tokenizer_build.py serves the built-in demo and
+the tests.
+
 Tests and the synthetic demo cannot download Qwen's 151k-token vocabulary, so they train a small
 byte-level BPE here. It uses exactly the pipeline transformers' `Qwen2Tokenizer` rebuilds from
 `tokenizer.json` (NFC, Qwen's split regex, byte-level without prefix space), so our processor and the
