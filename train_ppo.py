@@ -74,6 +74,9 @@ def parse_args(argv=None):
     a.add_argument("--kl-coef", type=float, default=0.05, help="beta: weight of KL(policy || reference)")
     a.add_argument("--kl-in", choices=["reward", "loss"], help="k1 per token in the reward, or k3 in the loss "
                    "(default: reward for gae, loss for grpo)")
+    a.add_argument("--loss-agg", choices=["sequence", "token"], help="average each response's tokens, then the "
+                   "responses (every response counts once: the release's GRPO), or all tokens of a minibatch (long "
+                   "responses weigh more: DAPO) (default: sequence for grpo, token for gae)")
     a.add_argument("--target-kl", type=float, help="adapt beta toward this KL per sequence (default: fixed beta)")
     a.add_argument("--kl-horizon", type=int, default=10000, help="horizon of the adaptive KL controller")
     a.add_argument("--gamma", type=float, default=1.0, help="GAE discount")
@@ -213,7 +216,8 @@ def main(argv=None):
                     value_clip=args.value_clip, vf_coef=args.vf_coef, entropy_coef=args.entropy_coef,
                     kl_coef=args.kl_coef, kl_in=args.kl_in, target_kl=args.target_kl, kl_horizon=args.kl_horizon,
                     epochs=args.epochs, minibatch_size=max(1, args.minibatch_size // d.world),
-                    micro_batch_size=args.micro_batch_size, reward_clip=args.reward_clip, grad_clip=args.grad_clip)
+                    micro_batch_size=args.micro_batch_size, reward_clip=args.reward_clip, grad_clip=args.grad_clip,
+                    loss_agg=args.loss_agg)
     kl_ctl = AdaptiveKL(args.kl_coef, args.target_kl, args.kl_horizon)
     reduce = lambda x: distributed.all_sum(x, d)  # noqa: E731
 
