@@ -12,8 +12,10 @@ Per response token t of row i (T tokens, `mask` marks the real ones, the last re
     loss        = E_t max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps))          ratio_t = pi / pi_old
                 + vf_coef * 0.5 * E_t max((V_t - R_t)^2, (V_old_t + clip(V_t - V_old_t, +-eps_v) - R_t)^2)
                 - entropy_coef * E_t H_t  [+ beta * E_t k3_t when kl_in="loss"]
-E_t is the mean over all real response tokens of the minibatch. `advantage="grpo"` is the MM-R5 release's
-recipe instead: A_i = (score_i - mean_group) / (std_group + 1e-4) on every token of row i, no critic, k3 in the loss.
+E_t is `loss_agg`: "token", the mean over all real response tokens of the minibatch (DAPO; long responses weigh
+more), or "sequence", each response's token mean, then the mean over responses (every response counts once).
+`advantage="grpo"` is the MM-R5 release's recipe instead: A_i = (score_i - mean_group) / (std_group + 1e-4) on every
+token of row i, no critic, k3 in the loss, "sequence" aggregation (its grpo_trainer.py, line 769).
 Every forward over a rollout runs each prompt once and its group's responses on that prompt's KV cache
 (`shared_prompt_states`): the prompt is most of each sequence, and minibatches are whole groups.
 """
@@ -63,6 +65,10 @@ class PPOConfig:
     vf_coef: float = setting(0.5, "value loss weight")
     entropy_coef: float = setting(0.0, "entropy bonus weight")
     max_log_ratio: float = setting(20.0, "log-ratios are clamped to +-this before exp(): no inf, no NaN")
+    loss_agg: str | None = setting(None, "average each response's tokens, then the responses (every response "
+                                   "counts once: the release's GRPO, TRL's loss_type='grpo'), or all tokens of a "
+                                   "minibatch (long responses weigh more: DAPO) (default: sequence for grpo, token "
+                                   "for gae)", choices=["sequence", "token"], type=str)
     # optimisation
     epochs: int = setting(2, "passes over each rollout (the release: 2)")
     minibatch_size: int = setting(8, "rollout rows per optimizer step")
@@ -87,6 +93,9 @@ class PPOConfig:
         if self.advantage == "grpo" and self.samples < 2:
             raise ValueError("--advantage grpo compares samples of one prompt: --samples must be >= 2")
         self.kl_in = self.kl_in or ("reward" if self.advantage == "gae" else "loss")
+        self.loss_agg = self.loss_agg or ("sequence" if self.advantage == "grpo" else "token")
+        if self.loss_agg not in AGGREGATIONS:
+            raise ValueError(f"unknown loss aggregation {self.loss_agg!r} (sequence or token)")
 
 
 class ValueHead(nn.Module):
@@ -107,6 +116,18 @@ class ValueHead(nn.Module):
 
 def masked_mean(x, mask):
     return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def sequence_mean(x, mask):
+    """Each response's mean over its real tokens, then the mean over responses that have any: every response counts
+    once however long (the release's GRPO loss; TRL's loss_type="grpo")."""
+    lengths = mask.sum(1)
+    return ((x * mask).sum(1) / lengths.clamp(min=1)).sum() / (lengths > 0).sum().clamp(min=1)
+
+
+# aggregation -> (the mean of a loss term over a batch [R, T], the count that mean divides by)
+AGGREGATIONS = {"token": (masked_mean, lambda mask: mask.sum()),
+                "sequence": (sequence_mean, lambda mask: (mask.sum(1) > 0).sum())}
 
 
 def masked_whiten(x, mask, reduce=None, eps: float = 1e-8):
@@ -152,23 +173,23 @@ def group_advantages(scores, group_size: int, eps: float = 1e-4):
     return ((groups - groups.mean(dim=1, keepdim=True)) / (std + eps)).flatten()
 
 
-def policy_loss(logp, old_logp, advantages, mask, clip: float, max_log_ratio: float = 20.0):
-    """Clipped surrogate; also the share of clipped tokens and approx-KL(old || new) for logging."""
+def policy_loss(logp, old_logp, advantages, mask, clip: float, max_log_ratio: float = 20.0, mean=masked_mean):
+    """Clipped surrogate; also the share of clipped tokens and approx-KL(old || new) for logging, each a `mean`."""
     log_ratio = (logp - old_logp).clamp(-max_log_ratio, max_log_ratio)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip, 1 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = mean(torch.maximum(unclipped, clipped), mask)
     with torch.no_grad():
-        clip_frac = masked_mean((clipped > unclipped).float(), mask)
-        approx_kl = masked_mean(ratio - 1 - log_ratio, mask)
+        clip_frac = mean((clipped > unclipped).float(), mask)
+        approx_kl = mean(ratio - 1 - log_ratio, mask)
     return loss, clip_frac, approx_kl
 
 
-def value_loss(values, old_values, returns, mask, clip: float):
+def value_loss(values, old_values, returns, mask, clip: float, mean=masked_mean):
     """Clipped value loss: the new prediction may not profit from moving more than `clip` from the old one."""
     clipped = old_values + (values - old_values).clamp(-clip, clip)
-    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+    return 0.5 * mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
 
 
 def explained_variance(values, returns, mask) -> float:
@@ -357,12 +378,14 @@ def ppo_update(policy: Qwen2VL, exp: Experience, optimizer: torch.optim.Optimize
     `value_only` trains just the critic (critic warm-up). A minibatch whose loss or gradient is not finite is
     skipped (no step) and counted in `skipped`. Under torchrun each rank passes its share of the rollout, its
     DDP/FSDP `forwards` ({"policy": ..., "critic": ...}), `reduce` (sum over ranks) and `world`: an optimizer step
-    then covers the union of every rank's minibatch, token-mean over all of them.
+    then covers the union of every rank's minibatch, each term aggregated (`cfg.loss_agg`) over all of them: every
+    micro-batch's mean is weighted by its share of the global minibatch's tokens or responses.
     """
     reduce = reduce or (lambda x: x)
     forwards = forwards or {}
     gae_mode = cfg.advantage == "gae"
-    stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "clip_frac", "approx_kl", "kl_loss")}
+    mean, count = AGGREGATIONS[cfg.loss_agg]
+    stats = {k: [] for k in ("loss", "policy_loss", "value_loss", "entropy", "clip_frac", "approx_kl", "kl_loss")}
     skipped = 0
     device = policy.device
     for _ in range(cfg.epochs):
@@ -370,8 +393,8 @@ def ppo_update(policy: Qwen2VL, exp: Experience, optimizer: torch.optim.Optimize
         groups = torch.randperm(int(exp.group.max()) + 1, generator=generator).tolist()
         order = torch.cat([(exp.group == g).nonzero()[:, 0] for g in groups])
         for minibatch in chunks(order, cfg.minibatch_size):
-            n_tokens = max(1.0, reduce(float(exp.mask[minibatch].sum())))
-            finite = True
+            n_units = max(1.0, reduce(float(count(exp.mask[minibatch].float()))))
+            finite, total = True, 0.0
             micro = chunks(minibatch, cfg.micro_batch_size)
             for i, rows in enumerate(micro):
                 m = exp.mask[rows].to(device).float()
@@ -383,17 +406,17 @@ def ppo_update(policy: Qwen2VL, exp: Experience, optimizer: torch.optim.Optimize
                         values = response_forward(critic, exp, rows, logprobs=False, values=True,
                                                   forward=forwards.get("critic"))[2]
                     v_loss = value_loss(values, exp.old_values[rows].to(device), exp.returns[rows].to(device), m,
-                                        cfg.value_clip)
+                                        cfg.value_clip, mean)
                     loss = loss + cfg.vf_coef * v_loss
                     stats["value_loss"].append(v_loss.item())
                 if not value_only:
                     pg_loss, clip_frac, approx_kl = policy_loss(logp, exp.old_logp[rows].to(device),
                                                                 exp.advantages[rows].to(device), m, cfg.clip,
-                                                                cfg.max_log_ratio)
-                    ent = masked_mean(entropy, m)
+                                                                cfg.max_log_ratio, mean)
+                    ent = mean(entropy, m)
                     loss = loss + pg_loss - cfg.entropy_coef * ent
                     if cfg.kl_in == "loss":
-                        kl = masked_mean(kl_estimate(logp, exp.ref_logp[rows].to(device), "k3", cfg.max_log_ratio), m)
+                        kl = mean(kl_estimate(logp, exp.ref_logp[rows].to(device), "k3", cfg.max_log_ratio), m)
                         loss = loss + kl_coef * kl
                         stats["kl_loss"].append(kl.item())
                     stats["policy_loss"].append(pg_loss.item())
@@ -403,8 +426,8 @@ def ppo_update(policy: Qwen2VL, exp: Experience, optimizer: torch.optim.Optimize
                 if reduce(float(not torch.isfinite(loss))) > 0:  # every rank skips together
                     finite = False
                     break
-                # Token-mean over the global minibatch; DDP/FSDP average gradients over ranks, hence * world.
-                weight = m.sum() / n_tokens * world
+                # This micro-batch's share of the global minibatch; DDP/FSDP average gradients over ranks: * world.
+                weight = count(m) / n_units * world
                 last = i == len(micro) - 1
                 syncs = [forwards[k].no_sync() for k in ("policy", "critic")
                          if not last and hasattr(forwards.get(k), "no_sync")]
@@ -412,6 +435,9 @@ def ppo_update(policy: Qwen2VL, exp: Experience, optimizer: torch.optim.Optimize
                     for ctx in syncs:
                         stack.enter_context(ctx)
                     (loss * weight).backward()
+                total += (loss * weight).item()
+            if finite:  # the whole objective of this optimizer step (every rank agrees on `finite`)
+                stats["loss"].append(reduce(total) / world)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
             if finite and torch.isfinite(grad_norm):
                 optimizer.step()

@@ -157,7 +157,9 @@ batch = {"input_ids": fixed["input_ids"][rows], "attention_mask": fixed["attenti
          "image_grid_thw": torch.cat([fixed[f"grid{g}"] for g in rows])}
 pages = ([fixed[f"features{g}"] for g in rows], [fixed[f"grid{g}"] for g in rows])
 rollout = Rollout(fixed["tokens"][sel], fixed["mask"][sel], None, None, [], None)
-cfg = PPOConfig(epochs=2, minibatch_size=len(sel), micro_batch_size=1)
+grpo = os.environ["ADVANTAGE"] == "grpo"
+cfg = PPOConfig(advantage=os.environ["ADVANTAGE"], kl_in="loss" if grpo else "reward", epochs=2,
+                minibatch_size=len(sel), micro_batch_size=1)
 reduce = lambda x: distributed.all_sum(x, d)
 exp = make_experience(policy, batch, pages, rollout, fixed["scores"][sel], n, cfg, 0.1, reduce=reduce)
 ppo_update(policy, exp, opt, params, cfg, 0.1, forwards={"policy": forward}, reduce=reduce, world=d.world)
@@ -168,10 +170,12 @@ distributed.cleanup(d)
 '''
 
 
-@pytest.mark.parametrize("fsdp", [False, True])
-def test_one_ppo_update_on_a_fixed_rollout(tiny_model_dirs, tmp_path, fsdp):
-    """make_experience + ppo_update (GAE, whitening over all ranks) on 2 DDP or FSDP2 ranks == 1 process, same
-    rollout (each micro-batch runs the policy twice before its backward: prompts, then responses on their cache)."""
+@pytest.mark.parametrize("fsdp,advantage", [(False, "gae"), (True, "gae"), (False, "grpo")])
+def test_one_ppo_update_on_a_fixed_rollout(tiny_model_dirs, tmp_path, fsdp, advantage):
+    """make_experience + ppo_update on 2 DDP or FSDP2 ranks == 1 process, same rollout (each micro-batch runs the
+    policy twice before its backward: prompts, then responses on their cache): GAE with whitening over all ranks
+    (token mean), GRPO with the sequence mean. The responses' lengths differ (10 / 3 / 6 / 2 tokens), so each rank
+    holds a different share of the tokens: a response's weight must not depend on the rank it sits on."""
     from mmr5.ppo import encode_pages
     from mmr5.processor import Processor
     from mmr5.sampler import generate
@@ -182,8 +186,10 @@ def test_one_ppo_update_on_a_fixed_rollout(tiny_model_dirs, tmp_path, fsdp):
     features, grids = encode_pages(model, batch)
     batch["image_features"] = torch.cat(features)
     rollout = generate(model, proc, batch, max_new_tokens=10, n=2, generator=torch.Generator().manual_seed(0))
+    T = rollout.mask.shape[1]
+    mask = rollout.mask & (torch.arange(T)[None] < torch.tensor([10, 3, 6, 2])[:, None])
     fixed = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "tokens": rollout.tokens,
-             "mask": rollout.mask, "scores": torch.tensor([1.0, 0.0, 0.3, 0.9]),
+             "mask": mask, "scores": torch.tensor([1.0, 0.0, 0.3, 0.9]),
              **{f"features{g}": f for g, f in enumerate(features)}, **{f"grid{g}": gr for g, gr in enumerate(grids)}}
     torch.save(fixed, tmp_path / "fixed.pt")
     (tmp_path / "worker.py").write_text(WORKER)
@@ -191,7 +197,7 @@ def test_one_ppo_update_on_a_fixed_rollout(tiny_model_dirs, tmp_path, fsdp):
     for nproc in (1, 2):
         env = {**os.environ, "ROOT": str(ROOT), "MODEL": str(path), "FIXED": str(tmp_path / "fixed.pt"),
                "RESULT": str(tmp_path / f"result{nproc}.pt"), "OMP_NUM_THREADS": "1",
-               "FSDP": str(int(fsdp))}
+               "FSDP": str(int(fsdp)), "ADVANTAGE": advantage}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
                str(free_port()), str(tmp_path / "worker.py")]
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

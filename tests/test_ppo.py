@@ -1,5 +1,10 @@
-"""The PPO pieces against their definitions, and one make_experience + ppo_update on a tiny model."""
+"""The PPO pieces against their definitions, one make_experience + ppo_update on a tiny model, and the GRPO loss
+and gradient against TRL's GRPOTrainer."""
+import contextlib
+import dataclasses
 import math
+import types
+from collections import defaultdict
 
 import pytest
 import torch
@@ -8,10 +13,11 @@ from conftest import page_images
 from mmr5.lora import add_lora
 from mmr5.model import Qwen2VL
 from mmr5.ppo import (AdaptiveKL, PPOConfig, ValueHead, encode_pages, explained_variance, gae, group_advantages,
-                      kl_estimate, make_experience, masked_whiten, policy_loss, ppo_update, response_forward,
-                      value_loss)
+                      kl_estimate, make_experience, masked_mean, masked_whiten, policy_loss, ppo_update,
+                      response_forward, sequence_mean, value_loss)
 from mmr5.processor import Processor
 from mmr5.sampler import generate
+from mmr5.weights import canonical_key
 
 
 def random_masks(R, T, g):
@@ -231,3 +237,157 @@ def test_shared_prompt_forward_matches_one_row_per_response(rollout_setup):
         assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
         for name in grads_a:
             torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_sequence_mean_counts_every_response_once():
+    x = torch.tensor([[1.0, 1.0, 1.0, 1.0], [4.0, 0.0, 0.0, 0.0], [9.0, 9.0, 9.0, 9.0]])
+    m = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    assert sequence_mean(x, m).item() == pytest.approx((1.0 + 4.0) / 2)  # the empty row neither adds nor counts
+    assert masked_mean(x, m).item() == pytest.approx((4 * 1.0 + 4.0) / 5)
+    assert PPOConfig(advantage="grpo").loss_agg == "sequence" and PPOConfig().loss_agg == "token"
+    with pytest.raises(ValueError, match="loss aggregation"):
+        PPOConfig(loss_agg="sum")
+
+
+class GradientRecorder:
+    """Stands in for the optimizer: keeps each step's gradient instead of applying it."""
+
+    def __init__(self, named_params):
+        self.named_params, self.steps = named_params, []
+
+    def step(self):
+        self.steps.append({n: p.grad.clone() for n, p in self.named_params if p.grad is not None})
+
+    def zero_grad(self, set_to_none=True):
+        for _, p in self.named_params:
+            p.grad = None
+
+
+BETA, EPSILON, SCORES = 0.04, 0.2, torch.tensor([1.0, 0.0, 0.5, 0.2])
+
+
+def grpo_batch(rollout_setup):
+    """One fixed GRPO batch in float64: the fixture's rollout cut to responses of different lengths (12 / 2 / 7 / 4
+    tokens, so the two aggregations differ), old and reference log-probs moved off the policy's (ratios get clipped,
+    the KL is not zero), and group advantages. -> (policy, its path, the experience, its prompt batch)."""
+    _, path, batch, _, rollout = rollout_setup
+    model = Qwen2VL.from_pretrained(path, dtype=torch.float64)
+    T = rollout.mask.shape[1]
+    lengths = torch.tensor([T, 2, 7, 4]).clamp(max=T)
+    rollout = dataclasses.replace(rollout, mask=rollout.mask & (torch.arange(T)[None] < lengths[:, None]))
+    cfg = PPOConfig(advantage="grpo", kl_in="loss")
+    exp = make_experience(model, batch, encode_pages(model, batch), rollout, SCORES, 2, cfg, BETA, reference=model)
+    g = torch.Generator().manual_seed(1)
+    m = exp.mask.double()
+    exp.ref_logp = (exp.old_logp + 0.2 * torch.randn(exp.old_logp.shape, generator=g, dtype=torch.float64)) * m
+    exp.old_logp = (exp.old_logp + 0.3 * torch.randn(exp.old_logp.shape, generator=g, dtype=torch.float64)) * m
+    return model, path, exp, batch
+
+
+def mmr5_loss_and_gradient(model, exp, loss_agg, micro_batch_size):
+    """One ppo_update step over the whole batch (one minibatch, in micro-batches), its loss and gradient by name."""
+    model.visual.requires_grad_(False)  # PPO runs on precomputed page features: the tower is frozen
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    recorder = GradientRecorder(named)
+    cfg = PPOConfig(advantage="grpo", kl_in="loss", loss_agg=loss_agg, clip=EPSILON, epochs=1, minibatch_size=4,
+                    micro_batch_size=micro_batch_size, grad_clip=0.0)
+    stats = ppo_update(model, exp, recorder, [p for _, p in named], cfg, BETA, generator=torch.Generator().manual_seed(0))
+    assert stats["skipped"] == 0 and stats["clip_frac"] > 0  # some ratios are clipped: the clip is exercised
+    return stats["loss"], recorder.steps[0]
+
+
+def relative_error(ours: dict, reference: dict) -> float:
+    assert ours.keys() == reference.keys() and len(ours) > 10
+    return max((ours[k] - reference[k]).abs().max().item() / reference[k].abs().max().item() for k in ours)
+
+
+def test_grpo_update_is_the_release_objective_however_micro_batched(rollout_setup):
+    """ppo_update's loss and gradient under `sequence` are those of the release's loss on the whole batch at once,
+    for micro-batches of 1, 3 (split 3 + 1) or 4 rows; `token` is the token mean (DAPO). The release's lines are
+    copied from i2vec/MM-R5 (commit 0806019), src/rl/VLM-R1/src/open-r1-multimodal/src/open_r1/trainer/
+    grpo_trainer.py, lines 752-769. Tolerance 1e-6: response_forward's log-probs are float32."""
+    model, _, exp, _ = grpo_batch(rollout_setup)
+    m = exp.mask.double()
+    rows = torch.arange(4)
+    logp = response_forward(model, exp, rows)[0]
+    coef_1 = torch.exp(logp - exp.old_logp)  # the release's lines, on the same tensors
+    coef_2 = torch.clamp(coef_1, 1 - EPSILON, 1 + EPSILON)
+    advantages = group_advantages(SCORES.double(), 2).unsqueeze(1)
+    per_token_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)
+    per_token_kl = torch.exp(exp.ref_logp - logp) - (exp.ref_logp - logp) - 1
+    per_token_loss = per_token_loss + BETA * per_token_kl
+    expected = {"sequence": ((per_token_loss * m).sum(dim=1) / m.sum(dim=1)).mean(),  # line 769
+                "token": (per_token_loss * m).sum() / m.sum()}
+    for loss_agg, loss in expected.items():
+        named = [(n, p) for n, p in model.named_parameters() if not n.startswith("visual.")]
+        grads = torch.autograd.grad(loss, [p for _, p in named], retain_graph=True)
+        reference = dict(zip([n for n, _ in named], grads))
+        for micro in (1, 3, 4):
+            ours_loss, ours = mmr5_loss_and_gradient(model, exp, loss_agg, micro)
+            assert ours_loss == pytest.approx(loss.item(), rel=1e-6), (loss_agg, micro)
+            assert relative_error(ours, reference) < 1e-6, (loss_agg, micro)
+    assert abs(expected["sequence"].item() - expected["token"].item()) > 1e-2 * abs(expected["token"].item())
+
+
+def trl_loss_and_gradient(path, exp, batch, loss_type, tmp_path):
+    """TRL's own GRPOTrainer._compute_loss (and its log-prob forward) on the HF model, on `exp` as TRL's inputs.
+
+    The trainer is a stub holding the attributes those two methods read, set from a GRPOConfig as
+    GRPOTrainer.__init__ sets them: building a real trainer needs TRL's processor, which needs torchvision."""
+    from transformers import AutoModelForImageTextToText
+    from trl import GRPOConfig, GRPOTrainer
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float64).train()
+    model.model.visual.requires_grad_(False)
+    add_fused_lm_head(model, temperature=1.0, outputs=("log_probs", "entropy"))  # as GRPOTrainer.__init__
+    # use_bias_correction_kl (TRL 1.16's default: True) multiplies k3 by the ratio; the release's k3 is plain.
+    args = GRPOConfig(output_dir=str(tmp_path), loss_type=loss_type, beta=BETA, epsilon=EPSILON, report_to="none",
+                      use_cpu=True, bf16=False, use_bias_correction_kl=False)
+    accelerator = types.SimpleNamespace(num_processes=1, is_main_process=True, autocast=contextlib.nullcontext,
+                                        gather=lambda x: x, gather_for_metrics=lambda x: x,
+                                        reduce=lambda x, reduction: x, sync_gradients=True)
+    trainer = types.SimpleNamespace(
+        args=args, model=model, accelerator=accelerator, loss_type=args.loss_type, beta=args.beta,
+        epsilon_low=args.epsilon, epsilon_high=args.epsilon_high if args.epsilon_high is not None else args.epsilon,
+        importance_sampling_level=args.importance_sampling_level, top_entropy_quantile=args.top_entropy_quantile,
+        off_policy_mask_threshold=args.off_policy_mask_threshold, use_vllm=args.use_vllm, aux_loss_enabled=False,
+        _entropy_bonus_enabled=False, current_gradient_accumulation_steps=1,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)})
+    trainer._get_per_token_logps_and_entropies = types.MethodType(GRPOTrainer._get_per_token_logps_and_entropies,
+                                                                  trainer)
+    L = exp.prompt_len
+    per_image = batch["image_grid_thw"].prod(-1).tolist()
+    images_per_prompt = [len(g) for g in exp.grids]
+    pixel_starts = torch.tensor([0] + per_image).cumsum(0).tolist()
+    first_image = torch.tensor([0] + images_per_prompt).cumsum(0).tolist()
+    pixels, grids = [], []
+    for p in exp.group.tolist():  # each row carries its prompt's pages, as TRL's collated batch does
+        a, b = first_image[p], first_image[p + 1]
+        pixels.append(batch["pixel_values"][pixel_starts[a]:pixel_starts[b]])
+        grids.append(batch["image_grid_thw"][a:b])
+    image_token = Qwen2VL.from_pretrained(path).config.image_token_id
+    inputs = dict(prompt_ids=exp.input_ids[:, :L], prompt_mask=exp.attention_mask[:, :L],
+                  completion_ids=exp.tokens, completion_mask=exp.mask.long(),
+                  pixel_values=torch.cat(pixels).double(), image_grid_thw=torch.cat(grids),
+                  num_images=[images_per_prompt[p] for p in exp.group.tolist()],
+                  mm_token_type_ids=(exp.input_ids == image_token).long(),
+                  advantages=group_advantages(SCORES.double(), 2), old_per_token_logps=exp.old_logp,
+                  ref_per_token_logps=exp.ref_logp, num_items_in_batch=exp.mask.sum())
+    loss = GRPOTrainer._compute_loss(trainer, model, inputs)
+    loss.backward()
+    grads = {canonical_key(n): p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return loss.item(), grads
+
+
+@pytest.mark.parametrize("loss_agg,loss_type", [("sequence", "grpo"), ("token", "dapo")])
+def test_grpo_loss_and_gradient_equal_trl(rollout_setup, tmp_path, loss_agg, loss_type):
+    """On one fixed batch (same weights, prompts, completions, old and reference log-probs, advantages), mmr5's GRPO
+    loss and gradient, in micro-batches of 3 + 1 rows, equal TRL's GRPOTrainer loss (loss_type "grpo" = the
+    release's sequence aggregation, "dapo" = token) with the release's beta 0.04 and clip 0.2, to 1e-5 relative."""
+    pytest.importorskip("trl", reason="TRL is the peer reference: pip install -r requirements-test.txt")
+    model, path, exp, batch = grpo_batch(rollout_setup)
+    trl_loss, trl_grads = trl_loss_and_gradient(path, exp, batch, loss_type, tmp_path)
+    ours_loss, ours = mmr5_loss_and_gradient(model, exp, loss_agg, micro_batch_size=3)
+    assert ours_loss == pytest.approx(trl_loss, rel=1e-5)
+    assert relative_error(ours, trl_grads) < 1e-5
