@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from mmr5 import distributed
 from mmr5.data import sample_order
-from mmr5.ppo import (AdaptiveKL, PPOConfig, ValueHead, encode_pages, explained_variance, make_experience,
-                      ppo_update)
+from mmr5.ppo import (AdaptiveKL, PPOConfig, ValueHead, encode_pages, explained_variance, last_token,
+                      make_experience, ppo_update)
 from mmr5.rewards import fused_reward
 from mmr5.run import Run, add_config_flags, add_run_flags, config_from_args, parse_run_args
 from mmr5.sampler import generate
@@ -31,7 +31,8 @@ DEMO = dict(out="runs/demo/ppo", steps=60, prompts_per_step=24, samples=4, lr=1e
 DEMO_SFT = "runs/demo/sft"
 RUN_IDENTITY = ("model", "train", "prompts_per_step", "samples", "lora_rank", "lora_alpha", "lora_targets", "critic",
                 "advantage", "seed")
-CURVES = ["reward", "rerank", "format", "kl", "value_loss", "explained_variance", "eval_rerank", "eval_recall@1"]
+CURVES = ["reward", "rerank", "format", "kl", "value_loss", "explained_variance", "explained_variance_last",
+          "eval_rerank", "eval_recall@1"]
 
 
 def parse_args(argv=None):
@@ -106,7 +107,8 @@ def score(texts: list[str], samples: list, cfg: PPOConfig) -> tuple[torch.Tensor
 
 def step_record(run: Run, cfg: PPOConfig, scores, parts, exp, out, stats, kl_ctl, seconds: tuple) -> dict:
     """The step's metrics, averaged over the global rollout: rewards, KL to the reference, the update's losses,
-    the critic's explained variance, response length and speed."""
+    the critic's explained variance on this fresh rollout before it trained on it (over all response tokens, and at
+    each response's last token, where the return is already decided), response length and speed."""
     rows = distributed.all_sum(len(scores), run.d)
     mean = lambda x: distributed.all_sum(float(x), run.d) / rows  # noqa: E731
     m = exp.mask.float()
@@ -115,11 +117,27 @@ def step_record(run: Run, cfg: PPOConfig, scores, parts, exp, out, stats, kl_ctl
     return {"step": run.step, "reward": mean(scores.sum()),
             **{k: mean(sum(p[k] for p in parts)) for k in ("rerank", "format", "think")},
             "kl": kl, "kl_coef": kl_ctl.value, **stats,
-            "explained_variance": explained_variance(exp.old_values, exp.returns, m) if cfg.advantage == "gae" else None,
+            **({"explained_variance": explained_variance(exp.old_values, exp.returns, m),
+                "explained_variance_last": explained_variance(exp.old_values, exp.returns, last_token(m).float())}
+               if cfg.advantage == "gae" else {}),
             "response_length": mean(out.lengths.sum()),
             "parse_failure": mean(sum("<answer>[" not in t for t in out.texts)),
             "tokens_per_s": distributed.all_sum(int(out.mask.sum()), run.d) / max(seconds[0], 1e-9),
             "step_s": seconds[1]}
+
+
+def warmup_progress(run: Run, cfg: PPOConfig, ev: float | None):
+    """Value pretraining ends once the critic's explained variance on fresh rollouts stops setting new bests (VAPO:
+    trained longer it overfits)."""
+    best, since = run.state.get("warmup_best"), run.state.get("warmup_since_best", 0)
+    if ev is not None and (best is None or ev > best + 0.01):
+        best, since = ev, 0
+    else:
+        since += 1
+    run.state.update(warmup_best=best, warmup_since_best=since)
+    if since >= cfg.critic_warmup_patience or run.step >= cfg.critic_warmup:
+        run.state["warmup_over"] = True
+        run.say(f"value pretraining over after {run.step} steps (best explained variance {best})")
 
 
 def main(argv=None):
@@ -140,12 +158,11 @@ def main(argv=None):
     cfg.minibatch_size = max(1, cfg.minibatch_size // run.d.world)  # each rank's share of an optimizer step
     kl_ctl = AdaptiveKL(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
     kind = f"LoRA r{args.lora_rank}" if args.lora_rank else "full"
-    if not run.start(models, optimizer, cfg.steps,
-                     f"policy {args.model}: {policy.num_parameters() / 1e6:.2f}M parameters, "
-                     f"{sum(p.numel() for p in params) / 1e6:.2f}M trained ({kind}); {cfg.advantage}"
-                     f"{' + ' + cfg.critic + ' critic' if cfg.advantage == 'gae' else ''}; {len(train)} train / "
-                     f"{len(run.evals)} eval; {cfg.steps} steps x {cfg.prompts_per_step} prompts x {cfg.samples} "
-                     "samples"):
+    critic_kind = f" + {cfg.critic} critic" if cfg.advantage == "gae" else ""
+    if not run.start(models, optimizer, cfg.steps, f"policy {args.model}: {policy.num_parameters() / 1e6:.2f}M "
+                     f"parameters, {sum(p.numel() for p in params) / 1e6:.2f}M trained ({kind}); {cfg.advantage}"
+                     f"{critic_kind}; {len(train)} train / {len(run.evals)} eval; {cfg.steps} steps x "
+                     f"{cfg.prompts_per_step} prompts x {cfg.samples} samples"):
         return
     kl_ctl.value = run.state.get("kl_coef", kl_ctl.value)
     reduce = lambda x: distributed.all_sum(x, run.d)  # noqa: E731
@@ -157,6 +174,7 @@ def main(argv=None):
         samples = [train[i] for i in distributed.shard(sample_order(len(train), cfg.prompts_per_step, run.step,
                                                                     args.seed), run.d)]
         batch, pages, out = rollout(run, cfg, policy, samples, run.step, keep_going)
+        warming = cfg.advantage == "gae" and run.step < cfg.critic_warmup and not run.state.get("warmup_over")
         t_rollout = time.time() - t0
         scores, parts = score(out.texts, samples, cfg)
         with run.autocast:
@@ -164,17 +182,18 @@ def main(argv=None):
                                   reference, reduce)
             for m in models.values():
                 m.train()
-            stats = ppo_update(policy, exp, optimizer, params, cfg, kl_ctl.value, critic,
-                               value_only=run.step < cfg.critic_warmup,
+            stats = ppo_update(policy, exp, optimizer, params, cfg, kl_ctl.value, critic, value_only=warming,
                                generator=torch.Generator().manual_seed(args.seed * 7919 + run.step * 1009 + run.d.rank),
                                forwards=forwards, reduce=reduce, world=run.d.world)
         run.step += 1
         record = step_record(run, cfg, scores, parts, exp, out, stats, kl_ctl, (t_rollout, time.time() - t0))
+        if warming:
+            record["critic_warmup"] = 1
+            warmup_progress(run, cfg, record["explained_variance"])
         if stats["skipped"]:
             run.say(f"step {run.step}: {stats['skipped']} update(s) skipped: non-finite loss or gradient")
         bar.update(1)
-        bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}",
-                        len=f"{record['response_length']:.0f}")
+        bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}", len=f"{record['response_length']:.0f}")
         n_minibatches = cfg.epochs * -(-len(scores) // cfg.minibatch_size)
         if not run.end_step(record, stats["skipped"] < n_minibatches, {"kl_coef": kl_ctl.value}):
             break

@@ -59,7 +59,11 @@ class PPOConfig:
                                       type=float)
     kl_horizon: int = setting(10000, "horizon of the adaptive KL controller")
     gamma: float = setting(1.0, "GAE discount")
-    lam: float = setting(0.95, "GAE lambda")
+    lam: float = setting(0.95, "GAE lambda of the policy's advantages (VC-PPO: 0.95-0.99 best, 1.0 worst)")
+    lam_critic: float = setting(1.0, "GAE lambda of the critic's value targets (decoupled GAE, VC-PPO: 1.0, the "
+                                "Monte-Carlo return, unbiased by the critic's own errors)")
+    lam_alpha: float = setting(0.0, "if > 0, VAPO's length-adaptive policy lambda 1 - 1/(alpha * response length) "
+                               "instead of --lam (VAPO: 0.05)")
     clip: float = setting(0.2, "policy ratio clip (eps)")
     value_clip: float = setting(0.2, "value prediction clip around the rollout's values (eps_v)")
     vf_coef: float = setting(0.5, "value loss weight")
@@ -78,7 +82,11 @@ class PPOConfig:
                                       "default 10x --lr: the zero-initialised head must reach the rewards' scale "
                                       "within a few steps, or GAE's advantages are mostly the critic's error",
                                       type=float)
-    critic_warmup: int = setting(0, "first N steps train only the critic")
+    critic_warmup: int = setting(0, "value pretraining: at most the first N steps train only the critic, on the "
+                                 "starting policy's returns (VAPO: 50); it ends early once the critic's explained "
+                                 "variance on each new rollout, before it trains on it, stops rising")
+    critic_warmup_patience: int = setting(3, "value pretraining ends after this many steps without a new best "
+                                          "explained variance")
     grad_clip: float = setting(1.0, "clip the gradient norm (0 = off)")
 
     def __post_init__(self):
@@ -152,8 +160,9 @@ def kl_estimate(logp, ref_logp, kind: str, max_log_ratio: float = 20.0):
     raise ValueError(f"unknown KL estimator {kind!r}")
 
 
-def gae(rewards, values, mask, gamma: float, lam: float):
-    """Generalised advantage estimation over each row's real tokens (a prefix of the row); -> (A, R = A + V)."""
+def gae(rewards, values, mask, gamma: float, lam):
+    """Generalised advantage estimation over each row's real tokens (a prefix of the row); -> (A, R = A + V).
+    `lam` is a number or one per row [R] (length-adaptive)."""
     T = rewards.shape[1]
     advantages = torch.zeros_like(rewards)
     next_value = torch.zeros_like(rewards[:, 0])
@@ -192,12 +201,27 @@ def value_loss(values, old_values, returns, mask, clip: float, mean=masked_mean)
     return 0.5 * mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
 
 
-def explained_variance(values, returns, mask) -> float:
-    """1 - Var(R - V) / Var(R): 1 is a perfect critic, 0 no better than a constant."""
+def explained_variance(values, returns, mask) -> float | None:
+    """1 - Var(R - V) / Var(R): 1 is a perfect critic, 0 no better than a constant; None when the returns do not
+    vary (nothing to explain: a ratio of two rounding errors)."""
     var_r = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
     err = returns - values
     var_e = masked_mean((err - masked_mean(err, mask)) ** 2, mask)
-    return float(1 - var_e / var_r) if var_r > 0 else 0.0
+    return float(1 - var_e / var_r) if var_r > 1e-8 else None
+
+
+def last_token(mask):
+    """Each row's last real token (where its return is already decided), as a mask like `mask`."""
+    lengths = mask.sum(1, keepdim=True)
+    return mask.bool() & (mask.cumsum(1) == lengths) & (lengths > 0)
+
+
+def spread(scores, reduce=None) -> float:
+    """The standard deviation of the scores over the whole global rollout (every rank's, with `reduce`)."""
+    reduce = reduce or (lambda v: v)
+    count = max(1.0, reduce(float(scores.numel())))
+    mean = reduce(float(scores.sum())) / count
+    return (reduce(float(((scores - mean) ** 2).sum())) / count) ** 0.5
 
 
 class AdaptiveKL:
@@ -359,8 +383,13 @@ def make_experience(policy: Qwen2VL, prompt_batch: dict, pages: tuple[list, list
         last = (mask.sum(1) - 1).clamp(min=0)  # ... + the sequence's score at its last real token
         rewards[torch.arange(R), last] += exp.scores * mask.any(1)
         exp.old_values *= m
-        advantages, exp.returns = gae(rewards, exp.old_values, m, cfg.gamma, cfg.lam)
-        exp.advantages = masked_whiten(advantages, m, reduce)
+        # Decoupled GAE (VC-PPO): the policy's advantages with its own lambda, the critic's targets with lam_critic.
+        lam = (1 - 1 / (cfg.lam_alpha * mask.sum(1).clamp(min=1))).clamp(0, 1) if cfg.lam_alpha > 0 else cfg.lam
+        advantages, _ = gae(rewards, exp.old_values, m, cfg.gamma, lam)
+        exp.returns = gae(rewards, exp.old_values, m, cfg.gamma, cfg.lam_critic)[1]
+        # Equal returns everywhere carry no signal: whitening would turn the critic's noise into unit-scale updates.
+        equal = spread(rewards.sum(1), reduce) < 1e-6
+        exp.advantages = torch.zeros_like(advantages) if equal else masked_whiten(advantages, m, reduce)
     elif cfg.advantage == "grpo":
         exp.advantages = group_advantages(exp.scores, group_size)[:, None] * m
         exp.returns = torch.zeros_like(m)

@@ -13,7 +13,7 @@ from conftest import page_images
 from mmr5.lora import add_lora
 from mmr5.model import Qwen2VL
 from mmr5.ppo import (AdaptiveKL, PPOConfig, ValueHead, encode_pages, explained_variance, gae, group_advantages,
-                      kl_estimate, make_experience, masked_mean, masked_whiten, policy_loss, ppo_update,
+                      kl_estimate, last_token, make_experience, masked_mean, masked_whiten, policy_loss, ppo_update,
                       response_forward, sequence_mean, value_loss)
 from mmr5.processor import Processor
 from mmr5.sampler import generate
@@ -391,3 +391,56 @@ def test_grpo_loss_and_gradient_equal_trl(rollout_setup, tmp_path, loss_agg, los
     ours_loss, ours = mmr5_loss_and_gradient(model, exp, loss_agg, micro_batch_size=3)
     assert ours_loss == pytest.approx(trl_loss, rel=1e-5)
     assert relative_error(ours, trl_grads) < 1e-5
+
+
+def answer_rollouts(proc, batch, n: int, seed: int):
+    """Responses that reason a little, then answer; the return is 1 iff the answer lists image 1 first. What decides
+    it is written a few tokens before each response's end, at a position that varies from row to row."""
+    g = torch.Generator().manual_seed(seed)
+    rows, scores = [], []
+    for _ in range(batch["input_ids"].shape[0] * n):
+        first = int(torch.randint(1, 4, (1,), generator=g))
+        rest = [i for i in (1, 2, 3) if i != first]
+        filler = " ".join(["red", "page", "shape", "blue"][int(i)] for i in torch.randint(0, 4, (int(torch.randint(
+            0, 6, (1,), generator=g)),), generator=g))
+        rows.append(proc.encode(f"<think>{filler}</think><answer>[{first}, {rest[0]}, {rest[1]}]</answer>")
+                    + [proc.im_end_id])
+        scores.append(float(first == 1))
+    T = max(map(len, rows))
+    tokens = torch.full((len(rows), T), proc.pad_id)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)] = torch.tensor(r)
+    mask = torch.arange(T)[None] < torch.tensor([len(r) for r in rows])[:, None]
+    return types.SimpleNamespace(tokens=tokens, mask=mask), torch.tensor(scores)
+
+
+def critic_explained_variance_last(path, critic_kind: str, passes: int = 12) -> float:
+    """Train a critic on returns the written answer decides (value-only updates, as value pretraining does) and
+    return its explained variance at the last token of held-out responses."""
+    torch.manual_seed(0)
+    policy, proc = Qwen2VL.from_pretrained(path), Processor.from_pretrained(path)
+    critic = Qwen2VL.from_pretrained(path) if critic_kind == "separate" else None
+    (critic or policy).value_head = ValueHead(policy.config.text.hidden_size)
+    trained = critic if critic is not None else policy.value_head
+    params = [p for p in trained.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    cfg = PPOConfig(epochs=1, minibatch_size=8, micro_batch_size=8)
+    batch = proc.rerank_inputs([f"query {i}" for i in range(4)], [page_images(3, seed=i) for i in range(4)])
+    pages = encode_pages(policy, batch)
+    data = [answer_rollouts(proc, batch, 4, seed) for seed in range(6)]
+    for p in range(passes):
+        for rollout, scores in data[:-1]:
+            exp = make_experience(policy, batch, pages, rollout, scores, 4, cfg, 0.0, critic, reference=policy)
+            ppo_update(policy, exp, optimizer, params, cfg, 0.0, critic, value_only=True,
+                       generator=torch.Generator().manual_seed(p))
+    rollout, scores = data[-1]
+    exp = make_experience(policy, batch, pages, rollout, scores, 4, cfg, 0.0, critic, reference=policy)
+    return explained_variance(exp.old_values, exp.returns, last_token(exp.mask.float()).float())
+
+
+def test_a_critic_learns_a_return_the_written_answer_decides(tiny_model_dirs):
+    """The wiring of a critic that reads: values at the right token, masked to the real tokens, gradients reaching
+    its trunk. A linear head on the policy's detached states (the shared critic) cannot read the answer here."""
+    path = tiny_model_dirs["qwen2_5_vl"]
+    assert critic_explained_variance_last(path, "separate") >= 0.9
+    assert critic_explained_variance_last(path, "shared") < 0.5
