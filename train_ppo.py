@@ -304,9 +304,8 @@ def main(argv=None):
         gen = torch.Generator(d.device).manual_seed(args.seed * 1_000_003 + step * 1009 + d.rank)
         with autocast:
             pages = encode_pages(policy, batch)
-            batch["image_features"] = torch.cat(pages[0])
             rollout = generate(policy, processor, batch, args.max_new_tokens, temperature=args.temperature,
-                               n=args.samples, generator=gen, keep_going=keep_going)
+                               n=args.samples, generator=gen, keep_going=keep_going, image_features=torch.cat(pages[0]))
         t_rollout = time.time() - t0
         # 2. Rewards: the fused reward of each response (row i answers prompt i // samples).
         parts = [fused_reward(text, samples[i // args.samples].positives, len(samples[i // args.samples].images),

@@ -1,6 +1,6 @@
 """Building blocks the vision tower and the language model share: norms, linears, MLPs, rotary helpers.
 
-Pipeline: data -> processor -> [model: layers -> vision -> model] -> sampler -> rewards -> ppo.
+Pipeline: data -> processor -> [model: layers, vision, config, weights -> model] -> sampler -> rewards -> ppo.
 """
 import torch
 import torch.nn.functional as F

@@ -1,6 +1,6 @@
 """The vision tower of Qwen2-VL / Qwen2.5-VL: pre-cut 14 px patches -> one LM-width feature per 2x2 patch block.
 
-Pipeline: data -> processor -> [model: layers -> vision -> model] -> sampler -> rewards -> ppo.
+Pipeline: data -> processor -> [model: layers, vision, config, weights -> model] -> sampler -> rewards -> ppo.
 A ViT with 2-D rotary positions (height, width). Qwen2-VL attends over whole images in every block; Qwen2.5-VL attends
 inside windows of 112 px except in `fullatt_block_indexes`, and uses RMSNorm and gated MLPs. The merger turns each
 2x2 block of neighbouring patches into one token of the language model's width.

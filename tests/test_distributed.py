@@ -156,7 +156,7 @@ sel = torch.tensor([g * n + k for g in rows for k in range(n)])
 batch = {"input_ids": fixed["input_ids"][rows], "attention_mask": fixed["attention_mask"][rows],
          "image_grid_thw": torch.cat([fixed[f"grid{g}"] for g in rows])}
 pages = ([fixed[f"features{g}"] for g in rows], [fixed[f"grid{g}"] for g in rows])
-rollout = Rollout(fixed["tokens"][sel], fixed["mask"][sel], None, None, [], None)
+rollout = Rollout(fixed["tokens"][sel], fixed["mask"][sel], [])
 cfg = PPOConfig(epochs=2, minibatch_size=len(sel), micro_batch_size=1)
 reduce = lambda x: distributed.all_sum(x, d)
 exp = make_experience(policy, batch, pages, rollout, fixed["scores"][sel], n, cfg, 0.1, reduce=reduce)
@@ -180,8 +180,8 @@ def test_one_ppo_update_on_a_fixed_rollout(tiny_model_dirs, tmp_path, fsdp):
     model, proc = Qwen2VL.from_pretrained(path), Processor.from_pretrained(path)
     batch = proc.rerank_inputs(["red circle", "blue square"], [page_images(3), page_images(2, seed=4)])
     features, grids = encode_pages(model, batch)
-    batch["image_features"] = torch.cat(features)
-    rollout = generate(model, proc, batch, max_new_tokens=10, n=2, generator=torch.Generator().manual_seed(0))
+    rollout = generate(model, proc, batch, max_new_tokens=10, n=2, generator=torch.Generator().manual_seed(0),
+                       image_features=torch.cat(features))
     fixed = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "tokens": rollout.tokens,
              "mask": rollout.mask, "scores": torch.tensor([1.0, 0.0, 0.3, 0.9]),
              **{f"features{g}": f for g, f in enumerate(features)}, **{f"grid{g}": gr for g, gr in enumerate(grids)}}
