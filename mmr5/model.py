@@ -87,7 +87,7 @@ class Attention(nn.Module):
         last `keep` only."""
         B, T, _ = x.shape
         k = self.k_proj(x).view(B, T, self.kv_heads, self.hd).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.kv_heads, self.hd).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.kv_heads, self.hd).transpose(1, 2)  # k, v: [B, kv_heads, T, hd]
         k = k * cos + rotate_half(k) * sin  # cos/sin: [B, 1, T, hd]
         Q = T
         if keep:
@@ -96,10 +96,10 @@ class Attention(nn.Module):
                 mask = attention_mask_4d(torch.ones(B, T, dtype=torch.bool, device=x.device), keep)
             else:
                 mask = mask[:, :, -keep:]
-        q = self.q_proj(x).view(B, Q, self.heads, self.hd).transpose(1, 2)
+        q = self.q_proj(x).view(B, Q, self.heads, self.hd).transpose(1, 2)  # [B, heads, Q, hd]
         q = q * cos + rotate_half(q) * sin
         if cache is not None:
-            k, v = cache.update(self.layer, k, v)
+            k, v = cache.update(self.layer, k, v)  # [B, kv_heads, keys so far (or every slot), hd]
         if mask is None:  # no padding, no cache: plain causal
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:

@@ -55,6 +55,7 @@ def pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, rac
     allowed = logits.index_fill(-1, banned, float("-inf"))
     if temperature == 0:
         return allowed.argmax(-1)
+    # exp of log_softmax rather than softmax: a fixed seed's samples depend on these exact bits
     probs = sampling_logits(allowed, temperature, top_k, top_p).log_softmax(-1).exp()
     # The exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) (= -log U) picks i with probability p_i. It is what
     # torch.multinomial does for one sample, at a fraction of its cost on a CPU (bench/README.md).
@@ -103,8 +104,8 @@ def decode_eager(model: Qwen2VL, cache: KVCache, logits, next_position, prompt_m
     steps = out.tokens.shape[1]
     keys = torch.cat([prompt_mask, prompt_mask.new_ones(R, steps)], 1)  # [R, L + steps]: what each row may read
     rows = torch.arange(R, device=prompt_mask.device)  # the rows still decoding, as indices into the outputs
+    token = sample(logits)
     for step in range(steps):
-        token = sample(logits)
         out.write(rows, step, token)
         if step == steps - 1:
             break
@@ -119,6 +120,7 @@ def decode_eager(model: Qwen2VL, cache: KVCache, logits, next_position, prompt_m
         position = (next_position + step).view(1, -1, 1).expand(3, -1, 1)  # [3, rows, 1]: t, h, w alike
         logits = model(token[:, None], keys[rows, : L + step + 1], position_ids=position, cache=cache,
                        keep_last=1).logits[:, -1].float()
+        token = sample(logits)
 
 
 def decode_one_token(model: Qwen2VL, token, position, keys, cache: KVCache, race, sampling: dict) -> torch.Tensor:
@@ -143,12 +145,8 @@ def decode_static(model: Qwen2VL, cache: KVCache, logits, next_position, prompt_
     # (bench/README.md); GPUs keep the default options.
     options = {"cpp_wrapper": True, "max_autotune": True} if prompt_mask.device.type == "cpu" else None
     step_fn = torch.compile(decode_one_token, dynamic=False, options=options)
+    token = pick(logits, race=noise(R), **sampling)
     for step in range(steps):
-        race = noise(R)
-        if step:
-            token = step_fn(model, token, position, keys, cache, race, sampling)
-        else:
-            token = pick(logits, race=race, **sampling)
         out.write(slice(None), step, token)  # all rows, always: a plain slice instead of index gathers and scatters
         if step == steps - 1:
             break
@@ -158,7 +156,8 @@ def decode_static(model: Qwen2VL, cache: KVCache, logits, next_position, prompt_
                 break
         position = (next_position + step).view(1, -1, 1).expand(3, -1, 1)  # [3, R, 1]: t, h, w alike
         keys[:, L + step] = True
-        cache.index = new_slots[step:step + 1]  # the next iteration's step writes the token just picked there
+        cache.index = new_slots[step:step + 1]  # where the token just picked goes
+        token = step_fn(model, token, position, keys, cache, noise(R), sampling)
 
 
 @torch.no_grad()
@@ -172,9 +171,9 @@ def generate(model: Qwen2VL, processor, batch: dict, max_new_tokens: int, temper
     temperature == 0. `stop_ids` defaults to `<|im_end|>` and `<|endoftext|>` ([] never stops). The generator (on
     the model's device) makes sampling reproducible. `compile=True` runs each step under torch.compile with static
     shapes (`decode_static`: the cache rounded up to a multiple of 128 slots, every row decodes to the end), so a
-    graph is built once per batch shape (tens of seconds on a CPU) and reused while prompts stay in that length
-    bucket. `keep_going(any_row_active) -> bool` lets FSDP ranks agree to decode until every rank is done (their
-    forwards are collectives, so all must take the same number of steps).
+    graph is built once per batch shape (seconds to a minute on a CPU: bench/README.md) and reused while prompts stay
+    in that length bucket. `keep_going(any_row_active) -> bool` lets FSDP ranks agree to decode until every rank is
+    done (their forwards are collectives, so all must take the same number of steps).
     """
     if max_new_tokens < 1 or n < 1:
         raise ValueError(f"max_new_tokens and n must be >= 1 (got {max_new_tokens}, {n})")

@@ -178,8 +178,8 @@ class VisionTransformer(nn.Module):
         """[patches, 1176] -> [patches / 4, LM width], images in the order of `grid_thw`.
 
         Images never attend to each other, so on a CPU they are encoded a few at a time (`image_groups`): the same
-        values, and no activation is large enough for glibc to give it fresh pages (a 43 MB block costs ~20 ms of
-        page faults where a reused one costs ~1 ms to fill; the 100m bench config's 20 pages encode 17% faster).
+        values, and no activation is large enough for glibc to map fresh pages for it, whose page faults cost more
+        than filling a reused block (bench/README.md).
         """
         if pixel_values.device.type != "cpu":
             return self.encode(pixel_values, grid_thw)
