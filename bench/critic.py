@@ -37,9 +37,8 @@ def rollouts(policy, processor, train, count, prompts, n, max_new_tokens, rng, s
         batch = processor.rerank_inputs([s.query for s in samples], [s.images for s in samples])
         with torch.no_grad():
             pages = encode_pages(policy, batch)
-            batch["image_features"] = torch.cat(pages[0])
             rollout = generate(policy, processor, batch, max_new_tokens, temperature=1.0, n=n,
-                               generator=torch.Generator().manual_seed(seed + i))
+                               generator=torch.Generator().manual_seed(seed + i), image_features=torch.cat(pages[0]))
             scores = torch.tensor([fused_reward(t, samples[r // n].positives, len(samples[r // n].images))["reward"]
                                    for r, t in enumerate(rollout.texts)])
             out.append(make_experience(policy, batch, pages, rollout, scores, n, cfg, 0.0))

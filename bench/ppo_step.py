@@ -51,9 +51,8 @@ def measure(size: str, device: str, separate_reference: bool, queue):
     sync()
     t0 = time.perf_counter()
     pages = encode_pages(policy, batch)
-    batch["image_features"] = torch.cat(pages[0])
     rollout = generate(policy, proc, batch, NEW, temperature=1.0, n=SAMPLES, stop_ids=[],
-                       generator=torch.Generator(device).manual_seed(0))
+                       generator=torch.Generator(device).manual_seed(0), image_features=torch.cat(pages[0]))
     sync()
     t["rollout"] = time.perf_counter() - t0
     scores = torch.rand(PROMPTS * SAMPLES, generator=torch.Generator().manual_seed(0))

@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 from common import in_own_process
 
-from mmr5.model import Config, Qwen2VL, TextConfig, VisionConfig
+from mmr5.config import Config, TextConfig
+from mmr5.model import Qwen2VL
+from mmr5.vision import VisionConfig
 from mmr5.weights import INDEX
 
 PAGE_GRID = (1, 32, 32)  # 448 x 448 px = 256*28*28: 1024 patches, 256 tokens per page
@@ -182,8 +184,8 @@ def ppo_update(model, cfg, base) -> dict:
     t = {}
     t0 = time.perf_counter()
     pages = encode_pages(model, batch)
-    batch["image_features"] = torch.cat(pages[0])
-    rollout = generate(model.eval(), proc, batch, 16, n=2, stop_ids=[], generator=torch.Generator().manual_seed(0))
+    rollout = generate(model.eval(), proc, batch, 16, n=2, stop_ids=[], generator=torch.Generator().manual_seed(0),
+                       image_features=torch.cat(pages[0]))
     t["rollout_s"] = time.perf_counter() - t0
     rollout_peak = rss_gib() - base
     cfg_ppo = PPOConfig(epochs=1, minibatch_size=2, micro_batch_size=1)

@@ -96,7 +96,7 @@ def wrap(model: nn.Module, d: Dist, fsdp: bool) -> nn.Module:
         # before the rollout), which FSDP then refuses. One token through the whole model first settles the root;
         # the root keeps its parameters gathered after a forward, so shard them again before an optimizer sees them.
         with torch.no_grad():
-            model(torch.zeros(1, 1, dtype=torch.long, device=d.device), logits_to_keep=None)
+            model(torch.zeros(1, 1, dtype=torch.long, device=d.device), logits=False)
         model.reshard()
         return model
     from torch.nn.parallel import DistributedDataParallel

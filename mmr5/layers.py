@@ -1,7 +1,7 @@
 """Building blocks the vision tower and the language model share: norms, linears, MLPs, rotary helpers.
 
-Pipeline: data -> processor -> [model] -> sampler -> rewards -> ppo; model.py is built from layers.py, vision.py and
-weights.py (this file: layers).
+Pipeline: data -> processor -> [model] -> sampler -> rewards -> ppo; model.py is built from config.py, layers.py,
+vision.py and weights.py (this file: layers).
 """
 import torch
 import torch.nn.functional as F
@@ -24,9 +24,9 @@ class RMSNorm(nn.Module):
 class Linear(nn.Linear):
     """nn.Linear that computes a few rows on the CPU as (W @ x^T)^T.
 
-    Decoding sends a handful of rows through every weight. CPU sgemm reads a transposed weight (x @ W^T, what
-    F.linear does) slowly in that shape: measured 2.5x slower for 4 rows through a 512 x 32000 or 2048 x 11008
-    weight. Same result up to float rounding; many rows (prefill, training), small weights and GPUs take F.linear.
+    Decoding sends a handful of rows through every weight, and CPU sgemm reads a transposed weight (x @ W^T, what
+    F.linear does) slowly in that shape (bench/README.md). Same result up to float rounding; many rows (prefill,
+    training), small weights and GPUs take F.linear.
     """
 
     def forward(self, x):

@@ -1,15 +1,13 @@
 """Qwen2-VL / Qwen2.5-VL in plain PyTorch: vision tower + Qwen2 decoder with M-RoPE.
 
-Pipeline: data -> processor -> [model] -> sampler -> rewards -> ppo; built from layers.py, vision.py and weights.py.
+Pipeline: data -> processor -> [model] -> sampler -> rewards -> ppo; built from config.py, layers.py, vision.py and
+weights.py.
 The processor turns pages into `pixel_values` [patches, 3*2*14*14] plus `image_grid_thw`, and the prompt into
 `input_ids` where every image is a run of `<|image_pad|>` tokens (one per 2x2 block of patches). Here the vision
 tower encodes the patches, the merged features replace the `<|image_pad|>` embeddings, and the decoder runs with
 3-stream (temporal, height, width) rotary positions. Module names follow the released checkpoints
 (`visual.*`, `model.*`, `lm_head`), so a state_dict maps one to one onto the safetensors keys.
 """
-import json
-from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -17,142 +15,45 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mmr5.config import Config, TextConfig
 from mmr5.layers import GatedMLP, Linear, RMSNorm, inv_freq, rotate_half
-from mmr5.vision import VisionConfig, VisionTransformer
+from mmr5.vision import VisionTransformer
 from mmr5.weights import load_into, save_state
-
-# ----------------------------------------------------------------------------------------------------------------
-# Config: read from a HF config.json in either layout (released flat, or transformers-5 nested `text_config`)
-
-
-@dataclass
-class TextConfig:
-    vocab_size: int = 152064
-    hidden_size: int = 3584
-    intermediate_size: int = 18944
-    num_hidden_layers: int = 28
-    num_attention_heads: int = 28
-    num_key_value_heads: int = 4
-    hidden_act: str = "silu"
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 1000000.0
-    mrope_section: list = field(default_factory=lambda: [16, 24, 24])
-    max_position_embeddings: int = 128000
-    bos_token_id: int | None = 151643
-    eos_token_id: int | list | None = 151645
-
-
-@dataclass
-class Config:
-    model_type: str = "qwen2_5_vl"  # or "qwen2_vl"
-    text: TextConfig = field(default_factory=TextConfig)
-    vision: VisionConfig = field(default_factory=VisionConfig)
-    image_token_id: int = 151655
-    video_token_id: int = 151656
-    vision_start_token_id: int = 151652
-    vision_end_token_id: int = 151653
-    tie_word_embeddings: bool = False
-    torch_dtype: str = "bfloat16"  # the dtype the weights are stored in
-
-    @property
-    def is_qwen2_5(self) -> bool:
-        return self.model_type == "qwen2_5_vl"
-
-    @property
-    def stored_dtype(self) -> torch.dtype:
-        """`torch_dtype` as a torch dtype (float32 when it names none we save in)."""
-        known = ("float32", "bfloat16", "float16")
-        return getattr(torch, self.torch_dtype) if self.torch_dtype in known else torch.float32
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Config":
-        model_type = d.get("model_type")
-        if model_type not in ("qwen2_vl", "qwen2_5_vl"):
-            raise ValueError(f"model_type {model_type!r} is not supported: mmr5 runs 'qwen2_vl' and 'qwen2_5_vl' checkpoints")
-        t = d.get("text_config") or d  # transformers 5 nests the text fields; released configs keep them flat
-        v = dict(d.get("vision_config") or {})
-        rope = t.get("rope_parameters") or t.get("rope_scaling") or d.get("rope_scaling") or {}
-        text = TextConfig(**{f.name: t[f.name] for f in fields(TextConfig) if f.name in t and t[f.name] is not None})
-        text.rope_theta = float(rope.get("rope_theta", t.get("rope_theta", d.get("rope_theta", text.rope_theta))))
-        text.mrope_section = list(rope.get("mrope_section", text.mrope_section))
-        if model_type == "qwen2_vl":  # ViT width is `embed_dim`, `hidden_size` is the LM width it projects to
-            v["out_hidden_size"] = v.get("hidden_size", text.hidden_size)
-            v["hidden_size"] = v.get("embed_dim", 1280)
-            v["intermediate_size"] = int(v["hidden_size"] * v.get("mlp_ratio", 4))
-            v.setdefault("hidden_act", "quick_gelu")
-        v["rope_theta"] = float((v.get("rope_parameters") or {}).get("rope_theta", 10000.0))
-        vision = VisionConfig(**{f.name: v[f.name] for f in fields(VisionConfig) if f.name in v})
-        tie = d.get("tie_word_embeddings", t.get("tie_word_embeddings", False))
-        top = {k: d[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id") if k in d}
-        dtype = d.get("torch_dtype") or d.get("dtype") or t.get("torch_dtype") or "bfloat16"
-        cfg = cls(model_type=model_type, text=text, vision=vision, tie_word_embeddings=bool(tie), torch_dtype=dtype, **top)
-        if sum(cfg.text.mrope_section) * 2 != cfg.text.hidden_size // cfg.text.num_attention_heads:
-            raise ValueError(f"mrope_section {cfg.text.mrope_section} must sum to head_dim/2")
-        return cfg
-
-    @classmethod
-    def from_file(cls, path) -> "Config":
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.exists():
-            raise FileNotFoundError(f"no config.json at {path}")
-        try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
-
-    def to_dict(self) -> dict:
-        """The released (flat) layout, which HF transformers 4.x/5.x and vLLM all read."""
-        t, v = self.text, self.vision
-        vision = dict(depth=v.depth, num_heads=v.num_heads, hidden_act=v.hidden_act, patch_size=v.patch_size,
-                      temporal_patch_size=v.temporal_patch_size, spatial_merge_size=v.spatial_merge_size,
-                      in_channels=v.in_channels, model_type=self.model_type + "_vision")
-        if self.is_qwen2_5:
-            vision.update(hidden_size=v.hidden_size, out_hidden_size=v.out_hidden_size, intermediate_size=v.intermediate_size,
-                          window_size=v.window_size, fullatt_block_indexes=list(v.fullatt_block_indexes),
-                          tokens_per_second=v.tokens_per_second)
-        else:
-            vision.update(embed_dim=v.hidden_size, hidden_size=v.out_hidden_size, mlp_ratio=v.intermediate_size // v.hidden_size)
-        arch = "Qwen2_5_VLForConditionalGeneration" if self.is_qwen2_5 else "Qwen2VLForConditionalGeneration"
-        return dict(
-            architectures=[arch], model_type=self.model_type, torch_dtype=self.torch_dtype,
-            vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-            num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
-            num_key_value_heads=t.num_key_value_heads, hidden_act=t.hidden_act, rms_norm_eps=t.rms_norm_eps,
-            rope_theta=t.rope_theta, rope_scaling={"type": "mrope", "mrope_section": list(t.mrope_section)},
-            max_position_embeddings=t.max_position_embeddings, max_window_layers=t.num_hidden_layers,
-            use_sliding_window=False, sliding_window=None, attention_dropout=0.0, use_cache=True,
-            bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id, tie_word_embeddings=self.tie_word_embeddings,
-            image_token_id=self.image_token_id, video_token_id=self.video_token_id,
-            vision_start_token_id=self.vision_start_token_id, vision_end_token_id=self.vision_end_token_id,
-            vision_config=vision,
-        )
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Language model
 
 
 class KVCache:
-    """Pre-allocated keys and values, one [batch, kv_heads, max_len, head_dim] pair per layer.
+    """Pre-allocated keys and values, one [batch, kv_heads, slots, head_dim] pair per layer.
 
-    `seen` counts the positions already written; a forward with T new tokens writes [seen, seen + T). When `index`
-    (a tensor of T positions) is set, the new keys and values are written there instead and attention reads every
-    slot, masked: shapes then never change from step to step, which torch.compile and CUDA graphs need.
+    `update` is the one place they are written. Growing (`index` None): a forward's T new positions go to slots
+    [seen, seen + T) and attention reads [0, seen + T); the last layer's write advances `seen` by T. Static
+    (`index`, a tensor of T slots, set by the caller): the new positions go there and attention reads every slot,
+    masked; shapes then never change from step to step, which torch.compile and CUDA graphs need.
     """
 
-    def __init__(self, cfg: TextConfig, batch: int, max_len: int, dtype, device):
+    def __init__(self, cfg: TextConfig, batch: int, slots: int, dtype, device):
         hd = cfg.hidden_size // cfg.num_attention_heads
-        shape = (batch, cfg.num_key_value_heads, max_len, hd)
+        shape = (batch, cfg.num_key_value_heads, slots, hd)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.seen = 0
         self.index = None
 
-    @property
-    def max_len(self) -> int:
-        return self.k[0].shape[2]
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store `layer`'s keys and values for the new positions [B, kv_heads, T, hd]; -> the keys and values to
+        attend over."""
+        if self.index is not None:
+            self.k[layer].index_copy_(2, self.index, k)
+            self.v[layer].index_copy_(2, self.index, v)
+            return self.k[layer], self.v[layer]
+        end = self.seen + k.shape[2]
+        self.k[layer][:, :, self.seen:end] = k
+        self.v[layer][:, :, self.seen:end] = v
+        if layer == len(self.k) - 1:
+            self.seen = end
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def repeat_interleave(self, n: int) -> "KVCache":
         """Each row n times in a row (group sampling: the prompt's cache is computed once, shared n ways)."""
@@ -187,7 +88,7 @@ class Attention(nn.Module):
         last `keep` only."""
         B, T, _ = x.shape
         k = self.k_proj(x).view(B, T, self.kv_heads, self.hd).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.kv_heads, self.hd).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.kv_heads, self.hd).transpose(1, 2)  # k, v: [B, kv_heads, T, hd]
         k = k * cos + rotate_half(k) * sin  # cos/sin: [B, 1, T, hd]
         Q = T
         if keep:
@@ -196,17 +97,10 @@ class Attention(nn.Module):
                 mask = attention_mask_4d(torch.ones(B, T, dtype=torch.bool, device=x.device), keep)
             else:
                 mask = mask[:, :, -keep:]
-        q = self.q_proj(x).view(B, Q, self.heads, self.hd).transpose(1, 2)
+        q = self.q_proj(x).view(B, Q, self.heads, self.hd).transpose(1, 2)  # [B, heads, Q, hd]
         q = q * cos + rotate_half(q) * sin
-        if cache is not None and cache.index is not None:  # static shapes: write at `index`, read every slot
-            cache.k[self.layer].index_copy_(2, cache.index, k)
-            cache.v[self.layer].index_copy_(2, cache.index, v)
-            k, v = cache.k[self.layer], cache.v[self.layer]
-        elif cache is not None:
-            end = cache.seen + T
-            cache.k[self.layer][:, :, cache.seen:end] = k
-            cache.v[self.layer][:, :, cache.seen:end] = v
-            k, v = cache.k[self.layer][:, :, :end], cache.v[self.layer][:, :, :end]
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # [B, kv_heads, keys so far (or every slot), hd]
         if mask is None:  # no padding, no cache: plain causal
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
@@ -342,8 +236,8 @@ def attention_mask_4d(attention_mask: torch.Tensor, q_len: int) -> torch.Tensor:
 
 
 class Output(NamedTuple):
-    logits: torch.Tensor | None  # [B, L or logits_to_keep, vocab] (float as the model dtype)
-    hidden_states: torch.Tensor  # [B, L or logits_to_keep, hidden] after the final norm: what the value head reads
+    logits: torch.Tensor | None  # [B, L or keep_last, vocab] in the model dtype; None when logits=False
+    hidden_states: torch.Tensor  # [B, L or keep_last, hidden] after the final norm: what the value head reads
 
 
 class Qwen2VL(nn.Module):
@@ -391,10 +285,10 @@ class Qwen2VL(nn.Module):
         return x.masked_scatter(slots[..., None], image_features.to(x.dtype))
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                position_ids=None, cache: KVCache | None = None, logits_to_keep: int | None = 0,
+                position_ids=None, cache: KVCache | None = None, keep_last: int | None = None, logits: bool = True,
                 image_features=None) -> Output:
-        """Logits (all positions, the last `logits_to_keep`, or none when None) and final hidden states (of the
-        same positions: all of them when None).
+        """Final hidden states and logits of every position, or of the last `keep_last` only (a prefill needs one).
+        `logits=False` skips the LM head: callers that score a subset of positions run it on those themselves.
 
         With a cache, `attention_mask` covers every position so far (cached + new), as in HF, and `position_ids`
         must be given for decoding steps (prefill + offset; see `rope_positions`).
@@ -412,16 +306,11 @@ class Qwen2VL(nn.Module):
             keys = attention_mask if attention_mask is not None else torch.ones(B, T + (cache.seen if cache else 0),
                                                                                 dtype=torch.bool, device=x.device)
             mask = attention_mask_4d(keys.to(x.device), T)
-        keep = logits_to_keep if logits_to_keep and logits_to_keep < T else None
-        h = self.model(x, position_ids, mask, cache, keep)
-        if cache is not None:
-            cache.seen += T
-        if logits_to_keep is None:
-            return Output(None, h)
-        return Output(self.lm_head(h), h)
+        h = self.model(x, position_ids, mask, cache, keep_last if keep_last and keep_last < T else None)
+        return Output(self.lm_head(h) if logits else None, h)
 
     def decode_step(self, input_ids, position_ids, key_mask, cache: KVCache) -> torch.Tensor:
-        """Next-token logits [B, vocab] for one new token per row, written at `cache.index`; `key_mask` [B, max_len]
+        """Next-token logits [B, vocab] for one new token per row, written at `cache.index`; `key_mask` [B, slots]
         marks the slots each row may read (its prompt and the tokens decoded so far, this one included).
 
         Every shape is the same at every step (gpt-fast's static cache), so `torch.compile` builds one graph for the

@@ -291,7 +291,7 @@ def response_forward(model: Qwen2VL, exp: Experience, rows, logprobs=True, value
     if model.model.gradient_checkpointing and model.training:  # checkpointed layers cannot fill a shared cache
         inputs = exp.inputs(rows)
         hidden = run(**{k: v.to(device) if k != "image_grid_thw" else v for k, v in inputs.items()},
-                     logits_to_keep=None).hidden_states
+                     logits=False).hidden_states
         h = hidden[:, L - 1:L + T - 1]  # the states that predict response tokens 0..T-1
     else:
         h = shared_prompt_states(model, run, exp, rows)
@@ -322,7 +322,7 @@ def shared_prompt_states(model: Qwen2VL, run, exp: Experience, rows) -> torch.Te
     positions, deltas = model.rope_positions(ids, mask, grid)
     cache = KVCache(model.config.text, len(prompts), L + T - 1, model.dtype, device)
     prompt_h = run(ids, mask, image_features=features, image_grid_thw=grid, position_ids=positions, cache=cache,
-                   logits_to_keep=None).hidden_states
+                   logits=False).hidden_states
     local = local.to(device)
     last_prompt_state = prompt_h[local, -1:]  # predicts response token 0
     if T == 1:
@@ -332,7 +332,7 @@ def shared_prompt_states(model: Qwen2VL, run, exp: Experience, rows) -> torch.Te
     start = (mask.sum(1) + deltas)[local]  # M-RoPE position of response token 0, as in the sampler
     positions = (start[:, None] + torch.arange(T - 1, device=device)).expand(3, -1, -1)
     response_h = run(exp.tokens[rows][:, :T - 1].to(device), keys, position_ids=positions, cache=cache,
-                     logits_to_keep=None).hidden_states
+                     logits=False).hidden_states
     return torch.cat([last_prompt_state, response_h], 1)
 
 

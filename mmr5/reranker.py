@@ -115,7 +115,7 @@ class Reranker:
             ids[b, -len(row):], mask[b, -len(row):] = row, 1
         device = self.model.device
         logits = self.model(ids.to(device), mask.to(device), batch["pixel_values"].to(device),
-                            batch["image_grid_thw"], logits_to_keep=1).logits[:, -1].float()
+                            batch["image_grid_thw"], keep_last=1).logits[:, -1].float()
         digit_logits = logits[:, [d[0] for d in digit_ids]].cpu()
         out = []
         for b, n in enumerate(counts):

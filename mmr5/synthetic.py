@@ -26,7 +26,9 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from tokenizers import Tokenizer
 
-from mmr5.model import Config, Qwen2VL, TextConfig, VisionConfig
+from mmr5.config import Config, TextConfig
+from mmr5.model import Qwen2VL
+from mmr5.vision import VisionConfig
 from mmr5.processor import QUESTION_TEMPLATE, SYSTEM_PROMPT, Processor
 from mmr5.tokenizer_build import save_tokenizer_files, train_tokenizer
 

@@ -1,7 +1,7 @@
 """The vision tower of Qwen2-VL / Qwen2.5-VL: pre-cut 14 px patches -> one LM-width feature per 2x2 patch block.
 
-Pipeline: data -> processor -> [model] -> sampler -> rewards -> ppo; model.py is built from layers.py, vision.py and
-weights.py (this file: vision).
+Pipeline: data -> processor -> [model] -> sampler -> rewards -> ppo; model.py is built from config.py, layers.py,
+vision.py and weights.py (this file: vision).
 A ViT with 2-D rotary positions (height, width). Qwen2-VL attends over whole images in every block; Qwen2.5-VL attends
 inside windows of 112 px except in `fullatt_block_indexes`, and uses RMSNorm and gated MLPs. The merger turns each
 2x2 block of neighbouring patches into one token of the language model's width.
@@ -179,8 +179,8 @@ class VisionTransformer(nn.Module):
         """[patches, 1176] -> [patches / 4, LM width], images in the order of `grid_thw`.
 
         Images never attend to each other, so on a CPU they are encoded a few at a time (`image_groups`): the same
-        values, and no activation is large enough for glibc to give it fresh pages (a 43 MB block costs ~20 ms of
-        page faults where a reused one costs ~1 ms to fill; the 100m bench config's 20 pages encode 17% faster).
+        values, and no activation is large enough for glibc to map fresh pages for it, whose page faults cost more
+        than filling a reused block (bench/README.md).
         """
         if pixel_values.device.type != "cpu":
             return self.encode(pixel_values, grid_thw)

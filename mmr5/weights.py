@@ -1,11 +1,12 @@
 """Safetensors checkpoints in the Hugging Face layout: read them straight into a model, write them atomically.
 
-Pipeline: data -> processor -> [model] -> sampler -> rewards -> ppo; model.py is built from layers.py, vision.py and
-weights.py (this file: weights). This file knows files and tensor
-names, not the architecture: `model.py` builds the modules (on the meta device) and calls `load_into`, so a 7B
-model is read tensor by tensor into its final dtype and device and never needs twice its size in RAM.
+Pipeline: data -> processor -> [model] -> sampler -> rewards -> ppo; model.py is built from config.py, layers.py,
+vision.py and weights.py (this file: weights).
+This file knows files and tensor names, not the architecture: `model.py` builds the modules (on the meta device)
+and calls `load_into`, so a 7B model is read tensor by tensor into its final dtype and device and never needs twice
+its size in RAM.
 Reading is plain file reads, not a memory map: mapped pages count as the process's memory until the file is closed,
-and shards kept mapped through a load added 40% to a 3B model's fp32 weights (measured with bench/real_shape.py).
+so shards kept mapped through a load add to the peak memory a large part of the weights again (bench/README.md).
 """
 import json
 import os

@@ -120,8 +120,8 @@ def rollout_setup(tiny_model_dirs):
     model, proc = Qwen2VL.from_pretrained(path), Processor.from_pretrained(path)
     batch = proc.rerank_inputs(["red circle", "blue square"], [page_images(3), page_images(2, seed=4)])
     pages = encode_pages(model, batch)
-    batch["image_features"] = torch.cat(pages[0])
-    rollout = generate(model, proc, batch, max_new_tokens=12, n=2, generator=torch.Generator().manual_seed(0))
+    rollout = generate(model, proc, batch, max_new_tokens=12, n=2, generator=torch.Generator().manual_seed(0),
+                       image_features=torch.cat(pages[0]))
     return model, path, batch, pages, rollout
 
 
@@ -139,7 +139,10 @@ def test_value_head_reads_the_response_positions(rollout_setup):
             expected = head(hidden[:, L - 1 + t]) * exp.mask[:, t]  # the state before token t: after the prompt
             assert torch.allclose(exp.old_values[:, t], expected, atol=1e-5)
         logp, _, _ = response_forward(model, exp, torch.arange(4))
-    assert torch.allclose(logp * exp.mask, rollout.model_logprobs * rollout.mask, atol=1e-4)
+        T = exp.mask.shape[1]  # the log-probs of one forward over prompt + response, no cache shared
+        expected = model.lm_head(hidden[:, L - 1:L - 1 + T]).float().log_softmax(-1)
+        expected = expected.gather(-1, exp.tokens[..., None])[..., 0]
+    assert torch.allclose(logp * exp.mask, expected * exp.mask, atol=1e-4)
     assert torch.equal(exp.ref_logp * exp.mask, exp.old_logp * exp.mask)  # reference == policy here: KL 0
 
 
