@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from mmr5.checkpoint import check_output_folder
 from mmr5.data import DataError, read_mmdocir, read_samples
 from mmr5.metrics import format_table, summarize
-from mmr5.reranker import Reranker
+from mmr5.reranker import Reranker, check_before_loading
 from mmr5.report import write_report
 
 BUILT_IN = ["runs/demo/ppo/model", "runs/demo/sft/model"]  # newest first
@@ -105,6 +106,7 @@ def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
     try:  # every sample and image is checked before any model work
+        check_output_folder(out)
         if args.data:
             samples = read_samples(args.data)
         else:
@@ -116,6 +118,7 @@ def main(argv=None):
         sys.exit("error: no samples to evaluate")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
+        check_before_loading(args.model, samples, args.min_pixels, args.max_pixels)
         reranker = Reranker.from_pretrained(args.model, args.device, dtype, args.min_pixels, args.max_pixels,
                                             batch_size=args.batch_size)
     except (FileNotFoundError, ValueError) as e:

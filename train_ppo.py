@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from mmr5 import distributed
-from mmr5.checkpoint import (StopFlag, append_metrics, load_optimizer, resume_checkpoint,
+from mmr5.checkpoint import (StopFlag, append_metrics, check_output_folder, load_optimizer, resume_checkpoint,
                              optimizer_tensors, rewind_metrics, set_rng_state, write_checkpoint)
 from mmr5.data import DataError, read_samples
 from mmr5.lora import add_lora, merge_lora
@@ -26,7 +26,7 @@ from mmr5.model import Qwen2VL
 from mmr5.plots import plot_curves, read_metrics
 from mmr5.ppo import AdaptiveKL, PPOConfig, ValueHead, encode_pages, explained_variance, make_experience, ppo_update
 from mmr5.processor import Processor
-from mmr5.reranker import Reranker, check_pair
+from mmr5.reranker import Reranker, check_before_loading, check_pair
 from mmr5.rewards import fused_reward
 from mmr5.sampler import generate
 from mmr5.sft import sample_order
@@ -168,9 +168,10 @@ def main(argv=None):
     bf16 = args.bf16 == "on" or (args.bf16 == "auto" and d.device.startswith("cuda") and torch.cuda.is_bf16_supported())
     torch.manual_seed(args.seed)
     try:
+        check_output_folder(out)
         train = read_samples(args.train)
         evals = read_samples(args.eval) if args.eval else []
-    except (DataError, FileNotFoundError) as e:
+    except (DataError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     train = [s for s in train if s.positives]  # no relevant page among the candidates: no rerank signal
     evals = evals[: args.eval_limit] if args.eval_limit else evals
@@ -186,6 +187,7 @@ def main(argv=None):
 
     try:
         dtype = torch.bfloat16 if bf16 and args.lora_rank > 0 else torch.float32
+        check_before_loading(args.model, train + evals, args.min_pixels, args.max_pixels)
         policy = load()
         processor = Processor.from_pretrained(args.model, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
         check_pair(policy, processor)

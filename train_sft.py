@@ -17,14 +17,14 @@ import torch
 from tqdm import tqdm
 
 from mmr5 import distributed
-from mmr5.checkpoint import (StopFlag, append_metrics, load_optimizer, resume_checkpoint,
+from mmr5.checkpoint import (StopFlag, append_metrics, check_output_folder, load_optimizer, resume_checkpoint,
                              optimizer_tensors, rewind_metrics, set_rng_state, write_checkpoint)
 from mmr5.data import DataError, read_samples
 from mmr5.lora import add_lora, merge_lora
 from mmr5.model import Qwen2VL
 from mmr5.plots import plot_curves, read_metrics
 from mmr5.processor import Processor
-from mmr5.reranker import Reranker, check_pair
+from mmr5.reranker import Reranker, check_before_loading, check_pair
 from mmr5.sft import learning_rate, sample_order, sft_batch, sft_loss
 from mmr5.synthetic import build_demo
 
@@ -112,9 +112,10 @@ def main(argv=None):
     torch.manual_seed(args.seed)
 
     try:
+        check_output_folder(out)
         train = read_samples(args.train, require_response=True)
         evals = read_samples(args.eval) if args.eval else []
-    except (DataError, FileNotFoundError) as e:
+    except (DataError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     if args.eval_limit:
         evals = evals[: args.eval_limit]
@@ -123,6 +124,7 @@ def main(argv=None):
 
     try:  # a frozen base can sit in bf16; trained weights stay float32 (autocast computes in bf16)
         dtype = torch.bfloat16 if bf16 and args.lora_rank > 0 else torch.float32
+        check_before_loading(args.model, train + evals, args.min_pixels, args.max_pixels, responses=True)
         model = Qwen2VL.from_pretrained(args.model, dtype=dtype, device=d.device)
         processor = Processor.from_pretrained(args.model, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
         check_pair(model, processor)

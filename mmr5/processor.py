@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
+from mmr5.data import MAX_ASPECT_RATIO, Sample
+
 # MM-R5's prompts, byte-identical to i2vec/MM-R5 examples/reranker.py (including "process.For example").
 SYSTEM_PROMPT = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The assistant "
@@ -47,9 +49,9 @@ def smart_resize(height, width, factor=28, min_pixels=3136, max_pixels=12845056)
     """
     if min(height, width) <= 0:
         raise ValueError(f"image has an empty side: {height}x{width}")
-    if max(height, width) / min(height, width) > 200:
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
         raise ValueError(f"image {height}x{width} has aspect ratio {max(height, width) / min(height, width):.1f}; "
-                         "Qwen-VL takes at most 200")
+                         f"Qwen-VL takes at most {MAX_ASPECT_RATIO}: crop or split it")
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
     if h_bar * w_bar > max_pixels:
@@ -125,6 +127,8 @@ class Processor:
     @classmethod
     def from_pretrained(cls, path, min_pixels=None, max_pixels=None):
         """Load from a local Hugging Face model directory (tokenizer.json required, the configs optional)."""
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{path} is not a checkpoint folder (config.json, *.safetensors, tokenizer.json)")
         tokenizer_file = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(tokenizer_file):
             raise FileNotFoundError(f"{tokenizer_file} not found; expected a Qwen-VL model directory")
@@ -138,15 +142,24 @@ class Processor:
             value = override or preprocessor.get(key) or size.get(size_key)
             if value is not None:
                 image_config[key] = value
-        return cls(Tokenizer.from_file(tokenizer_file), tokenizer_config, **image_config)
+        try:
+            tokenizer = Tokenizer.from_file(tokenizer_file)
+        except Exception as e:  # the tokenizers library raises a bare Exception for any unreadable file
+            raise ValueError(f"{tokenizer_file} is not a readable tokenizer ({e}); a download cut short? copy it "
+                             "again from the model's release") from None
+        return cls(tokenizer, tokenizer_config, **image_config)
 
     # ---- images ----
 
     def images(self, images):
         """Images (PIL or paths) -> (pixel_values [sum t*h*w, 3*T*P*P] float32, image_grid_thw [n, 3] int64)."""
         patches, grids = [], []
-        for image in images:
-            image_patches, grid = self.patchify(load_rgb(image))
+        for i, image in enumerate(images):
+            try:
+                image_patches, grid = self.patchify(load_rgb(image))
+            except ValueError as e:  # name the page: the message alone does not say which candidate it was
+                name = os.fspath(image) if isinstance(image, (str, os.PathLike)) else f"candidate {i + 1}"
+                raise ValueError(f"{e}" if name in str(e) else f"{name}: {e}") from None
             patches.append(image_patches)
             grids.append(grid)
         patch_dim = 3 * self.temporal_patch_size * self.patch_size ** 2
@@ -227,6 +240,30 @@ class Processor:
             start = position + 1
         return expanded + ids[start:]
 
+    def prompt_length(self, query, image_sizes, response=None) -> int:
+        """Tokens of the rerank prompt (+ response) for images of these (width, height), without decoding any."""
+        tokens = len(self.encode(self.rerank_prompt(query, len(image_sizes)))) - len(image_sizes)
+        for width, height in image_sizes:
+            h, w = smart_resize(height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels)
+            tokens += (h // self.patch_size) * (w // self.patch_size) // self.merge_size ** 2
+        if response is not None:  # as rerank_inputs appends it: response, <|im_end|>, "\n"
+            tokens += len(self.encode(response)) + 1 + len(self.encode("\n"))
+        return tokens
+
+    def check_prompt_lengths(self, samples: list[Sample], context: int, responses: bool = False):
+        """Raise a one-line ValueError naming the first sample whose prompt (+ response, the SFT row) is longer than
+        `context` tokens (max_position_embeddings): the model was never trained on positions past it."""
+        for sample in samples:
+            sizes = []
+            for path in sample.images:
+                with Image.open(path) as image:  # reads the header only
+                    sizes.append(image.size)
+            n = self.prompt_length(sample.query, sizes, sample.response if responses else None)
+            if n > context:
+                raise ValueError(f"sample {sample.id}: its {'row' if responses else 'prompt'} is {n} tokens, longer "
+                                 f"than the model's context of {context} (max_position_embeddings): give fewer or "
+                                 "smaller pages (--max-pixels) or a shorter query")
+
     def rerank_inputs(self, queries, images_per_query, responses=None):
         """Batch of rerank prompts (optionally + responses) -> model inputs, left padded with `pad_id`.
 
@@ -283,6 +320,9 @@ def read_json(path):
         return {}
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); copy it again from the model's release") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} is not a JSON object; copy it again from the model's release")
+    return config
