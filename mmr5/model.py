@@ -112,7 +112,8 @@ class Config:
         try:
             return cls.from_dict(d)
         except (TypeError, AttributeError) as e:  # a field of the wrong JSON type
-            raise ValueError(f"{path} has a field of the wrong type ({e}); compare it with the release's config.json") from None
+            raise ValueError(f"{path} has a field of the wrong type ({e}); compare it with the release's "
+                             "config.json") from None
 
     def to_dict(self) -> dict:
         """The released (flat) layout, which HF transformers 4.x/5.x and vLLM all read."""
