@@ -6,8 +6,8 @@
     python evaluate.py                                            # the newest built-in model, built-in eval split
 
 Writes to --out: results.json (all numbers), predictions.jsonl (per query: order, reasoning, rewards, scores),
-report.html (every query with its pages in the model's order, furthest from the best answer first) and prints the table. --resume continues
-an interrupted evaluation from predictions.jsonl.
+report.html (every query with its pages in the model's order, furthest from the best answer first) and prints the
+table. --resume continues an interrupted evaluation from predictions.jsonl.
 """
 import argparse
 import json
