@@ -63,17 +63,16 @@ def check_tokenizer_fits(cfg: Config, processor: Processor):
                              "tokenizer.json does not belong to these weights")
 
 
-def check_before_loading(path, samples, min_pixels=None, max_pixels=None, responses: bool = False) -> Processor:
+def check_before_loading(path, samples, min_pixels=None, max_pixels=None, responses: bool = False):
     """Every check that needs no model, so a broken checkpoint or an over-long prompt costs seconds, not a model
     load: config.json, each weight file's header and size, the tokenizer and preprocessor files, the tokenizer
-    against config.json, and each sample's prompt (+ response) against the context. Returns the processor."""
+    against config.json, and each sample's prompt (+ response) against the context."""
     config = Config.from_file(path)
     for file in set(tensor_files(path).values()):
         read_header(file)
     processor = Processor.from_pretrained(path, min_pixels=min_pixels, max_pixels=max_pixels)
     check_tokenizer_fits(config, processor)
     processor.check_prompt_lengths(samples, config.text.max_position_embeddings, responses)
-    return processor
 
 
 class Reranker:
