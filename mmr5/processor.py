@@ -135,13 +135,22 @@ class Processor:
         tokenizer_config = read_json(os.path.join(path, "tokenizer_config.json"))
         preprocessor = read_json(os.path.join(path, "preprocessor_config.json"))
         # Like transformers: explicit min/max_pixels win over the newer `size` dict, then our arguments win.
-        size = preprocessor.get("size") or {}
+        size = preprocessor.get("size") if isinstance(preprocessor.get("size"), dict) else {}
         image_config = {key: preprocessor[key] for key in IMAGE_DEFAULTS if key in preprocessor}
-        for key, size_key, override in [("min_pixels", "shortest_edge", min_pixels),
-                                        ("max_pixels", "longest_edge", max_pixels)]:
-            value = override or preprocessor.get(key) or size.get(size_key)
+        for key, size_key in [("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")]:
+            value = preprocessor.get(key) or size.get(size_key)
             if value is not None:
                 image_config[key] = value
+        for key, value in image_config.items():  # a hand-edited export: a wrong type would fail deep in numpy
+            if not _valid_image_setting(key, value):
+                raise ValueError(f"{os.path.join(path, 'preprocessor_config.json')}: {key} = {value!r} is not "
+                                 f"{'3 numbers' if key in ('image_mean', 'image_std') else 'a positive number'}: "
+                                 "fix it or copy the release's file")
+        for key, override in [("min_pixels", min_pixels), ("max_pixels", max_pixels)]:
+            if override is not None:
+                if not _valid_image_setting(key, override):
+                    raise ValueError(f"{key} must be a positive number, got {override!r}")
+                image_config[key] = override
         try:
             tokenizer = Tokenizer.from_file(tokenizer_file)
         except Exception as e:  # the tokenizers library raises a bare Exception for any unreadable file
@@ -307,6 +316,15 @@ class Processor:
         if responses is not None:
             batch["labels_mask"] = labels_mask
         return batch
+
+
+def _valid_image_setting(key, value) -> bool:
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if key in ("image_mean", "image_std"):
+        return isinstance(value, list) and len(value) == 3 and all(number(v) and (v > 0 or key == "image_mean")
+                                                                   for v in value)
+    return number(value) and value > 0
 
 
 def special_token_text(token):

@@ -171,6 +171,7 @@ def edit_config(model, change):
     ("tokenizer-cut", r"tokenizer.json is not a readable tokenizer \(.*\); a download cut short\?"),
     ("tokenizer-config-cut", r"tokenizer_config.json is not valid JSON \(.*\); copy it again"),
     ("preprocessor-config-cut", r"preprocessor_config.json is not valid JSON \(.*\); copy it again"),
+    ("preprocessor-wrong-type", r"preprocessor_config.json: max_pixels = '12845056' is not a positive number"),
     ("weights-header-cut", r"model.safetensors is not a complete safetensors file \(header length \d+ in a file"),
     ("weights-data-cut", r"model.safetensors is not a complete safetensors file \(\d+ bytes, the header describes"),
     ("weights-empty", r"model.safetensors is not a complete safetensors file \(header length 0 in a file of 0"),
@@ -189,6 +190,9 @@ def test_broken_checkpoint_file(tiny_model_dirs, folder, tmp_path, no_model_work
         cut(model / "tokenizer_config.json")
     elif breakage == "preprocessor-config-cut":
         cut(model / "preprocessor_config.json")
+    elif breakage == "preprocessor-wrong-type":
+        config = json.loads((model / "preprocessor_config.json").read_text())
+        (model / "preprocessor_config.json").write_text(json.dumps({**config, "max_pixels": "12845056"}))
     else:
         cut(model / "model.safetensors", {"weights-header-cut": 0.0005, "weights-data-cut": 0.9}.get(breakage, 0))
     (folder / "data.jsonl").write_text(json.dumps(SAMPLE) + "\n")
@@ -274,6 +278,16 @@ def test_prompt_longer_than_the_context(tiny_model_dirs, folder, tmp_path, no_mo
     fails(script, ["--model", model, data, folder / "data.jsonl", "--out", folder / "out"],
           r"sample data.jsonl:1: its (prompt|row) is \d+ tokens, longer than the model's context of 64 "
           r"\(max_position_embeddings\): give fewer or smaller pages")
+
+
+@pytest.mark.parametrize("script", [evaluate, train_sft, train_ppo])
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_non_positive_pixels_flag(tiny_model_dirs, folder, no_model_work, script, value):
+    """0 was silently ignored (the checkpoint's value used instead), a negative value silently accepted."""
+    (folder / "data.jsonl").write_text(json.dumps({**SAMPLE, "response": "<answer>[1, 2]</answer>"}) + "\n")
+    data = "--data" if script is evaluate else "--train"
+    fails(script, ["--model", tiny_model_dirs["qwen2_vl"], data, folder / "data.jsonl", "--out", folder / "o",
+                   "--min-pixels", value], rf"min_pixels must be a positive number, got {value}$")
 
 
 @pytest.mark.parametrize("script", [evaluate, train_sft, train_ppo])
