@@ -262,12 +262,14 @@ class Processor:
     def check_prompt_lengths(self, samples: list[Sample], context: int, responses: bool = False):
         """Raise a one-line ValueError naming the first sample whose prompt (+ response, the SFT row) is longer than
         `context` tokens (max_position_embeddings): the model was never trained on positions past it."""
+        sizes = {}
         for sample in samples:
-            sizes = []
             for path in sample.images:
-                with Image.open(path) as image:  # reads the header only
-                    sizes.append(image.size)
-            n = self.prompt_length(sample.query, sizes, sample.response if responses else None)
+                if path not in sizes:
+                    with Image.open(path) as image:  # reads the header only
+                        sizes[path] = image.size
+            n = self.prompt_length(sample.query, [sizes[p] for p in sample.images],
+                                   sample.response if responses else None)
             if n > context:
                 raise ValueError(f"sample {sample.id}: its {'row' if responses else 'prompt'} is {n} tokens, longer "
                                  f"than the model's context of {context} (max_position_embeddings): give fewer or "
