@@ -6,8 +6,8 @@
     python evaluate.py                                            # the newest built-in model, built-in eval split
 
 Writes to --out: results.json (all numbers), predictions.jsonl (per query: order, reasoning, rewards, scores),
-report.html (every query with its pages in the model's order, worst first) and prints the table. --resume continues
-an interrupted evaluation from predictions.jsonl.
+report.html (every query with its pages in the model's order, furthest from the best answer first) and prints the
+table. --resume continues an interrupted evaluation from predictions.jsonl.
 """
 import argparse
 import json
@@ -20,8 +20,9 @@ import torch
 from tqdm import tqdm
 
 from mmr5.data import DataError, read_mmdocir, read_samples
+from mmr5.checkpoint import check_output_folder
 from mmr5.metrics import evaluation_records, format_table, summarize
-from mmr5.reranker import Reranker
+from mmr5.reranker import Reranker, check_before_loading
 from mmr5.report import write_report
 
 BUILT_IN = ["runs/demo/ppo/model", "runs/demo/sft/model"]  # newest first
@@ -102,17 +103,20 @@ def spread(summaries: list[dict]) -> dict:
 
 
 def load_samples(args) -> list:
-    """The samples to evaluate, every one and its images checked before any model work."""
+    """The samples to evaluate, every one, its images, the output folder and the checkpoint's files checked before
+    any model work."""
     try:
+        check_output_folder(Path(args.out))
         if args.data:
             samples = read_samples(args.data)
         else:
             samples = read_mmdocir(args.mmdocir_annotations, args.mmdocir_pages, args.mmdocir_retrieval, args.top_k)
+        samples = samples[: args.limit] if args.limit else samples
+        if not samples:
+            sys.exit("error: no samples to evaluate")
+        check_before_loading(args.model, samples, args.min_pixels, args.max_pixels)
     except (DataError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    samples = samples[: args.limit] if args.limit else samples
-    if not samples:
-        sys.exit("error: no samples to evaluate")
     return samples
 
 
@@ -181,6 +185,7 @@ def main(argv=None):
     samples = load_samples(args)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
+        check_before_loading(args.model, samples, args.min_pixels, args.max_pixels)
         reranker = Reranker.from_pretrained(args.model, args.device, dtype, args.min_pixels, args.max_pixels,
                                             batch_size=args.batch_size)
     except (FileNotFoundError, ValueError) as e:

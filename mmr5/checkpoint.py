@@ -27,6 +27,19 @@ from mmr5.weights import atomic_directory
 FILES = ("weights.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
 
 
+def check_output_folder(path):
+    """A one-line ValueError, before any model work, if `path` cannot become the output folder: it is a file, a
+    folder above it is a file, or the nearest existing folder above it is not writable."""
+    path = Path(path).absolute()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {path} is a file, not a folder: give a folder (it is created if missing)")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--out {path}: {existing} is a file, so no folder can be made under it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {path}: {existing} is not writable; choose another --out")
+
+
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     """torch (CPU and CUDA), Python and NumPy generator states, split into tensors and JSON."""
     tensors = {"torch": torch.get_rng_state()}

@@ -81,15 +81,28 @@ class Config:
 
     @classmethod
     def from_file(cls, path) -> "Config":
+        """From a checkpoint folder (or its config.json), with a one-line error for each way either can be wrong."""
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
+        elif path.name != "config.json":
+            what = "is a file, not" if path.exists() else "does not exist; expected"
+            raise FileNotFoundError(f"{path} {what} a checkpoint folder (config.json, *.safetensors, tokenizer.json)")
         if not path.exists():
-            raise FileNotFoundError(f"no config.json at {path}")
+            inner = path.parent / "model" / "config.json"  # a training run's --out holds the model in model/
+            hint = f"; did you mean {inner.parent}?" if inner.exists() else ""
+            raise FileNotFoundError(f"no config.json at {path}{hint}")
         try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); copy it again from the model's release") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path} is not a JSON object; copy it again from the model's release")
+        try:
+            return cls.from_dict(d)
+        except (TypeError, AttributeError) as e:  # a field of the wrong JSON type
+            raise ValueError(f"{path} has a field of the wrong type ({e}); compare it with the release's "
+                             "config.json") from None
 
     def to_dict(self) -> dict:
         """The released (flat) layout, which HF transformers 4.x/5.x and vLLM all read."""

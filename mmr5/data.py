@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+# Qwen-VL's image processor refuses pages whose long side is over 200 times the short one (smart_resize).
+MAX_ASPECT_RATIO = 200
 FIELDS = ("id", "query", "images", "positives", "num_relevant", "domain", "response")
 
 
@@ -69,7 +71,12 @@ def _is_int(value) -> bool:
 
 def _records(path: Path) -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSON Lines file."""
-    raw = path.read_bytes()
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; give the JSON Lines file in it")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the data file ({e.strerror or e})") from None
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -83,6 +90,9 @@ def _records(path: Path) -> list[tuple[int, dict]]:
         try:
             obj = json.loads(line)
         except ValueError as e:
+            if n == 1 and line.strip() in ("[", "{"):  # a pretty-printed .json export, not JSON Lines
+                raise DataError(f"{path}:1: invalid JSON Lines: one whole JSON object per line, not a JSON document "
+                                "spread over lines") from None
             raise DataError(f"{path}:{n}: invalid JSON ({e})") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{n}: expected a JSON object, got {_kind(obj)}")
@@ -94,15 +104,33 @@ def _records(path: Path) -> list[tuple[int, dict]]:
 
 def _image_problem(path: str) -> str | None:
     """Why an image file cannot be used, or None. Opening reads the header; verify() checks what the format allows
-    without decoding the pixels (PNG: every chunk's CRC)."""
+    without decoding the pixels (PNG: every chunk's CRC). A JPEG's verify() checks nothing, so one that does not end
+    with its end-of-image marker (an interrupted copy or export) is decoded whole to find out."""
     try:
         with Image.open(path) as image:
+            width, height = image.size
+            jpeg = image.format == "JPEG"
             image.verify()
+        if jpeg and not _ends_like_jpeg(path):
+            with Image.open(path) as image:
+                image.load()
     except FileNotFoundError:
         return f"image file not found: {path}"
-    except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, DecompressionBombError); all mean unusable
-        return f"cannot read image {path}: {e}"
+    except Image.DecompressionBombError as e:
+        return f"image {path} is too large to decode safely ({e.args[0].split(',')[0]}): re-export it smaller"
+    except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, ...); all mean unusable
+        return f"cannot read image {path} ({e}): re-export or copy it again"
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        return (f"image {path} is {width}x{height}, aspect ratio {max(width, height) / min(width, height):.0f}; "
+                f"Qwen-VL takes at most {MAX_ASPECT_RATIO}: crop or split it into pages")
     return None
+
+
+def _ends_like_jpeg(path: str) -> bool:
+    """True if the file ends with JPEG's end-of-image marker (FF D9), allowing trailing padding."""
+    with open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - 64))
+        return f.read().rstrip(b"\0\r\n ").endswith(b"\xff\xd9")
 
 
 def _check_images(paths: list[str], checked: dict[str, str | None]):
@@ -318,6 +346,8 @@ def read_mmdocir(annotations_jsonl, pages_dir, retrieval_jsonl, top_k: int = 5,
     if not _is_int(top_k) or top_k < 1:
         raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
     annotations_jsonl, retrieval_jsonl = Path(annotations_jsonl), Path(retrieval_jsonl)
+    if not Path(pages_dir).is_dir():
+        raise DataError(f"{pages_dir}: no such folder of page images; export them first (mmr5/data.py, read_mmdocir)")
     docs = {}  # doc_name -> (line, domain, num_pages, questions)
     for n, obj in _records(annotations_jsonl):
         try:

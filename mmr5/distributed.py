@@ -30,18 +30,31 @@ class Dist:
 
 def setup(device: str | None) -> Dist:
     """Join the torchrun group if there is one; pick this process's device (cuda:LOCAL_RANK under torchrun)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launcher_variable("WORLD_SIZE", "1")
     cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
     if not cuda:
         map_large_allocations()
     if world == 1:
         return Dist(0, 1, device or ("cuda" if cuda else "cpu"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    local = launcher_variable("LOCAL_RANK", "0")
+    unset = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if unset:
+        raise SystemExit(f"error: WORLD_SIZE={world} is set but {', '.join(unset)} not: start the script with "
+                         "torchrun, or unset WORLD_SIZE to run one process")
     if cuda:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     return Dist(dist.get_rank(), dist.get_world_size(), f"cuda:{local}" if cuda else "cpu")
+
+
+def launcher_variable(name: str, default: str) -> int:
+    """A torchrun environment variable as a non-negative integer; a typo'd export is one line, not int()'s traceback."""
+    value = os.environ.get(name, default)
+    if not value.strip().isdigit() or (name == "WORLD_SIZE" and int(value) < 1):
+        raise SystemExit(f"error: environment variable {name}={value!r} is not a process count or index; unset it "
+                         "(torchrun sets it)")
+    return int(value)
 
 
 def map_large_allocations(threshold: int = 8 << 20) -> bool:

@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
+from mmr5.data import MAX_ASPECT_RATIO, Sample
+
 # MM-R5's prompts, byte-identical to i2vec/MM-R5 examples/reranker.py (including "process.For example").
 SYSTEM_PROMPT = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The assistant "
@@ -47,9 +49,9 @@ def smart_resize(height, width, factor=28, min_pixels=3136, max_pixels=12845056)
     """
     if min(height, width) <= 0:
         raise ValueError(f"image has an empty side: {height}x{width}")
-    if max(height, width) / min(height, width) > 200:
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
         raise ValueError(f"image {height}x{width} has aspect ratio {max(height, width) / min(height, width):.1f}; "
-                         "Qwen-VL takes at most 200")
+                         f"Qwen-VL takes at most {MAX_ASPECT_RATIO}: crop or split it")
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
     if h_bar * w_bar > max_pixels:
@@ -125,28 +127,48 @@ class Processor:
     @classmethod
     def from_pretrained(cls, path, min_pixels=None, max_pixels=None):
         """Load from a local Hugging Face model directory (tokenizer.json required, the configs optional)."""
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{path} is not a checkpoint folder (config.json, *.safetensors, tokenizer.json)")
         tokenizer_file = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(tokenizer_file):
             raise FileNotFoundError(f"{tokenizer_file} not found; expected a Qwen-VL model directory")
         tokenizer_config = read_json(os.path.join(path, "tokenizer_config.json"))
         preprocessor = read_json(os.path.join(path, "preprocessor_config.json"))
         # Like transformers: explicit min/max_pixels win over the newer `size` dict, then our arguments win.
-        size = preprocessor.get("size") or {}
+        size = preprocessor.get("size") if isinstance(preprocessor.get("size"), dict) else {}
         image_config = {key: preprocessor[key] for key in IMAGE_DEFAULTS if key in preprocessor}
-        for key, size_key, override in [("min_pixels", "shortest_edge", min_pixels),
-                                        ("max_pixels", "longest_edge", max_pixels)]:
-            value = override or preprocessor.get(key) or size.get(size_key)
+        for key, size_key in [("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")]:
+            value = preprocessor.get(key) or size.get(size_key)
             if value is not None:
                 image_config[key] = value
-        return cls(Tokenizer.from_file(tokenizer_file), tokenizer_config, **image_config)
+        for key, value in image_config.items():  # a hand-edited export: a wrong type would fail deep in numpy
+            if not _valid_image_setting(key, value):
+                raise ValueError(f"{os.path.join(path, 'preprocessor_config.json')}: {key} = {value!r} is not "
+                                 f"{'3 numbers' if key in ('image_mean', 'image_std') else 'a positive number'}: "
+                                 "fix it or copy the release's file")
+        for key, override in [("min_pixels", min_pixels), ("max_pixels", max_pixels)]:
+            if override is not None:
+                if not _valid_image_setting(key, override):
+                    raise ValueError(f"{key} must be a positive number, got {override!r}")
+                image_config[key] = override
+        try:
+            tokenizer = Tokenizer.from_file(tokenizer_file)
+        except Exception as e:  # the tokenizers library raises a bare Exception for any unreadable file
+            raise ValueError(f"{tokenizer_file} is not a readable tokenizer ({e}); a download cut short? copy it "
+                             "again from the model's release") from None
+        return cls(tokenizer, tokenizer_config, **image_config)
 
     # ---- images ----
 
     def images(self, images):
         """Images (PIL or paths) -> (pixel_values [sum t*h*w, 3*T*P*P] float32, image_grid_thw [n, 3] int64)."""
         patches, grids = [], []
-        for image in images:
-            image_patches, grid = self.patchify(load_rgb(image))
+        for i, image in enumerate(images):
+            try:
+                image_patches, grid = self.patchify(load_rgb(image))
+            except ValueError as e:  # name the page: the message alone does not say which candidate it was
+                name = os.fspath(image) if isinstance(image, (str, os.PathLike)) else f"candidate {i + 1}"
+                raise ValueError(f"{e}" if name in str(e) else f"{name}: {e}") from None
             patches.append(image_patches)
             grids.append(grid)
         patch_dim = 3 * self.temporal_patch_size * self.patch_size ** 2
@@ -251,6 +273,32 @@ class Processor:
             batch.update(pixel_values=torch.cat(all_patches), image_grid_thw=torch.cat(all_grids))
         return batch
 
+    def prompt_length(self, query, image_sizes, response=None) -> int:
+        """Tokens of the rerank prompt (+ response) for images of these (width, height), without decoding any."""
+        tokens = len(self.encode(self.rerank_prompt(query, len(image_sizes)))) - len(image_sizes)
+        for width, height in image_sizes:
+            h, w = smart_resize(height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels)
+            tokens += (h // self.patch_size) * (w // self.patch_size) // self.merge_size ** 2
+        if response is not None:  # as rerank_inputs appends it: response, <|im_end|>, "\n"
+            tokens += len(self.encode(response)) + 1 + len(self.encode("\n"))
+        return tokens
+
+    def check_prompt_lengths(self, samples: list[Sample], context: int, responses: bool = False):
+        """Raise a one-line ValueError naming the first sample whose prompt (+ response, the SFT row) is longer than
+        `context` tokens (max_position_embeddings): the model was never trained on positions past it."""
+        sizes = {}
+        for sample in samples:
+            for path in sample.images:
+                if path not in sizes:
+                    with Image.open(path) as image:  # reads the header only
+                        sizes[path] = image.size
+            n = self.prompt_length(sample.query, [sizes[p] for p in sample.images],
+                                   sample.response if responses else None)
+            if n > context:
+                raise ValueError(f"sample {sample.id}: its {'row' if responses else 'prompt'} is {n} tokens, longer "
+                                 f"than the model's context of {context} (max_position_embeddings): give fewer or "
+                                 "smaller pages (--max-pixels) or a shorter query")
+
     def rerank_inputs(self, queries, images_per_query, responses=None):
         """Batch of rerank prompts (optionally + responses) -> model inputs, left padded with `pad_id`.
 
@@ -298,6 +346,15 @@ class Processor:
         return batch
 
 
+def _valid_image_setting(key, value) -> bool:
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if key in ("image_mean", "image_std"):
+        return isinstance(value, list) and len(value) == 3 and all(number(v) and (v > 0 or key == "image_mean")
+                                                                   for v in value)
+    return number(value) and value > 0
+
+
 def special_token_text(token):
     """tokenizer_config.json writes special tokens as a string or as an AddedToken dict with "content"."""
     return token.get("content") if isinstance(token, dict) else token
@@ -309,6 +366,9 @@ def read_json(path):
         return {}
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); copy it again from the model's release") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} is not a JSON object; copy it again from the model's release")
+    return config

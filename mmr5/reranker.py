@@ -16,10 +16,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from mmr5.config import Config
 from mmr5.model import Qwen2VL
 from mmr5.processor import Processor
 from mmr5.rewards import parse_order
 from mmr5.sampler import generate
+from mmr5.weights import read_header, tensor_files
 
 ANSWER_OPEN = "<answer>["
 
@@ -43,9 +45,13 @@ def default_device_dtype(device=None, dtype=None) -> tuple[str, torch.dtype]:
 
 
 def check_pair(model: Qwen2VL, processor: Processor):
-    """The tokenizer and the weights must belong together: every token id must have an embedding row, and the
-    image placeholder the processor writes must be the one the model replaces by vision features."""
-    cfg = model.config
+    """The tokenizer and the weights must belong together (see check_tokenizer_fits)."""
+    check_tokenizer_fits(model.config, processor)
+
+
+def check_tokenizer_fits(cfg: Config, processor: Processor):
+    """Every token id must have an embedding row, and the image placeholder the processor writes must be the one
+    the model replaces by vision features."""
     if processor.vocab_size > cfg.text.vocab_size:
         raise ValueError(f"the tokenizer has {processor.vocab_size} tokens but the model's vocabulary has "
                          f"{cfg.text.vocab_size}: tokenizer.json does not belong to these weights")
@@ -58,6 +64,18 @@ def check_pair(model: Qwen2VL, processor: Processor):
                              "tokenizer.json does not belong to these weights")
 
 
+def check_before_loading(path, samples, min_pixels=None, max_pixels=None, responses: bool = False):
+    """Every check that needs no model, so a broken checkpoint or an over-long prompt costs seconds, not a model
+    load: config.json, each weight file's header and size, the tokenizer and preprocessor files, the tokenizer
+    against config.json, and each sample's prompt (+ response) against the context."""
+    config = Config.from_file(path)
+    for file in set(tensor_files(path).values()):
+        read_header(file)
+    processor = Processor.from_pretrained(path, min_pixels=min_pixels, max_pixels=max_pixels)
+    check_tokenizer_fits(config, processor)
+    processor.check_prompt_lengths(samples, config.text.max_position_embeddings, responses)
+
+
 class Reranker:
     def __init__(self, model: Qwen2VL, processor: Processor, batch_size: int = 4):
         check_pair(model, processor)
@@ -66,8 +84,8 @@ class Reranker:
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None, min_pixels=None, max_pixels=None, batch_size: int = 4):
         device, dtype = default_device_dtype(device, dtype)
-        return cls(Qwen2VL.from_pretrained(path, dtype=dtype, device=device),
-                   Processor.from_pretrained(path, min_pixels=min_pixels, max_pixels=max_pixels), batch_size)
+        processor = Processor.from_pretrained(path, min_pixels=min_pixels, max_pixels=max_pixels)  # seconds, first
+        return cls(Qwen2VL.from_pretrained(path, dtype=dtype, device=device), processor, batch_size)
 
     def rerank(self, query: str, images, temperature: float = 0.0, max_new_tokens: int = 1024,
                scores: bool = True) -> RerankResult:
@@ -88,6 +106,10 @@ class Reranker:
         for s in tqdm(starts, desc="rerank", unit="batch", disable=not progress):
             qs, ims = queries[s:s + self.batch_size], images_lists[s:s + self.batch_size]
             batch = self.processor.rerank_inputs(qs, ims)
+            context = self.model.config.text.max_position_embeddings
+            if int(batch["prompt_lengths"].max()) > context:
+                raise ValueError(f"a prompt of {int(batch['prompt_lengths'].max())} tokens is longer than the model's "
+                                 f"context of {context} (max_position_embeddings): give fewer or smaller pages")
             rollout = generate(self.model, self.processor, batch, max_new_tokens=max_new_tokens, temperature=temperature,
                                generator=generator)
             first = self.first_id_scores(batch, rollout.texts, [len(i) for i in ims]) if scores else [None] * len(qs)
@@ -95,6 +117,23 @@ class Reranker:
                 order, parsed = parse_order(text, len(images))
                 results.append(RerankResult(order, text, parsed, sc, length))
         return results
+
+    def rank(self, query: str, images, top_k: int | None = None, return_documents: bool = False,
+             **rerank_options) -> list[dict]:
+        """`images` ranked as sentence-transformers' CrossEncoder.rank answers: [{"corpus_id": i, "score": s}], best
+        first, the top_k of them (all when None), each with its "image" when return_documents. The score is
+        P(candidate i is ranked first) where the first-id scores exist (the list is then sorted by it, ties in the
+        generated order), else 1 - position / n in the generated order. `rerank_options` go to rerank."""
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+        result = self.rerank(query, images, **rerank_options)
+        n = len(result.order)
+        if result.scores is None:
+            ranked = [(i, 1 - position / n) for position, i in enumerate(result.order)]
+        else:
+            ranked = sorted(((i, result.scores[i]) for i in result.order), key=lambda pair: -pair[1])
+        return [{"corpus_id": i, "score": score, **({"image": images[i]} if return_documents else {})}
+                for i, score in ranked[:top_k]]
 
     @torch.no_grad()
     def first_id_scores(self, batch: dict, texts: list[str], counts: list[int]) -> list[list[float] | None]:

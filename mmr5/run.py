@@ -14,14 +14,15 @@ from pathlib import Path
 import torch
 
 from mmr5 import distributed
-from mmr5.checkpoint import load_optimizer, optimizer_tensors, resume_checkpoint, set_rng_state, write_checkpoint
+from mmr5.checkpoint import (check_output_folder, load_optimizer, optimizer_tensors, resume_checkpoint, set_rng_state,
+                             write_checkpoint)
 from mmr5.data import DataError, read_samples
 from mmr5.lora import add_lora, merge_lora
 from mmr5.metrics import evaluation_records
 from mmr5.model import Qwen2VL
 from mmr5.plots import plot_curves
 from mmr5.processor import Processor
-from mmr5.reranker import Reranker, check_pair
+from mmr5.reranker import Reranker, check_before_loading, check_pair
 from mmr5.runlog import StopFlag, append_metrics, read_metrics, rewind_metrics
 
 # Held-out numbers every evaluation logs, from `evaluation_records`' fields.
@@ -123,14 +124,16 @@ class Run:
 
     def load_data(self, require_response: bool = False) -> list:
         """The training samples (and `self.evals`), every line and image checked before any model work."""
-        torch.manual_seed(self.args.seed)  # from here on every random draw (LoRA, value head) is the seed's
+        a = self.args
+        torch.manual_seed(a.seed)  # from here on every random draw (LoRA, value head) is the seed's
         try:
-            train = read_samples(self.args.train, require_response=require_response)
-            self.evals = read_samples(self.args.eval) if self.args.eval else []
-        except (DataError, FileNotFoundError) as e:
+            check_output_folder(self.out)
+            train = read_samples(a.train, require_response=require_response)
+            self.evals = read_samples(a.eval) if a.eval else []
+            self.evals = self.evals[: a.eval_limit] if a.eval_limit else self.evals
+            check_before_loading(a.model, train + self.evals, a.min_pixels, a.max_pixels, responses=require_response)
+        except (DataError, FileNotFoundError, ValueError) as e:
             sys.exit(f"error: {e}")
-        if self.args.eval_limit:
-            self.evals = self.evals[: self.args.eval_limit]
         return train
 
     def load_model(self, freeze_vision: bool, lora_dropout: float = 0.0) -> Qwen2VL:

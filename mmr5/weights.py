@@ -41,12 +41,15 @@ def tensor_files(path) -> dict[str, Path]:
     """Every tensor name in a checkpoint directory -> the file that holds it (single file or sharded + index)."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+        what = "is a file, not" if path.exists() else "does not exist; expected"
+        raise FileNotFoundError(f"{path} {what} a checkpoint folder (config.json, *.safetensors, tokenizer.json)")
     if (path / INDEX).exists():
         try:
             weight_map = json.loads((path / INDEX).read_text())["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{path / INDEX} is not a valid safetensors index ({e})") from None
+            raise ValueError(f"{path / INDEX} is not a valid safetensors index ({e}); copy it again") from None
         missing = sorted({f for f in weight_map.values() if not (path / f).exists()})
         if missing:
             raise FileNotFoundError(f"{path}: shard(s) listed in {INDEX} are missing: {', '.join(missing)}")
@@ -60,18 +63,24 @@ def read_header(file: Path) -> tuple[dict, int]:
     """A safetensors file's header {name: {dtype, shape, data_offsets}} and where its data starts.
 
     The format: 8 bytes little-endian header length, the JSON header, then the tensors' bytes back to back.
+    The file's size is checked against the header, so a file cut short is found before any tensor is read.
     """
     try:
+        size = os.path.getsize(file)
         with open(file, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
-            if not 0 < n < 100 * 2**20:
-                raise ValueError(f"header length {n}")
+            if not 0 < n <= min(size - 8, 100 * 2**20):
+                raise ValueError(f"header length {n} in a file of {size} bytes")
             header = json.loads(f.read(n))
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file} is not a readable safetensors file ({e})") from None
-    header.pop("__metadata__", None)
+        header.pop("__metadata__", None)
+        ends = [info["data_offsets"][1] for info in header.values()]
+        if 8 + n + max(ends, default=0) > size:
+            raise ValueError(f"{size} bytes, the header describes {8 + n + max(ends)}")
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError) as e:
+        raise ValueError(f"{file} is not a complete safetensors file ({e}); a download or copy cut short? copy it "
+                         "again") from None
     return header, 8 + n
 
 

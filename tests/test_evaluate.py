@@ -1,6 +1,7 @@
 """evaluate.py end to end on a tiny checkpoint: the four outputs, resume, one-line errors, the report renders."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -85,6 +86,35 @@ def test_bad_data_stops_before_model_work(tiny_model_dirs, eval_data, tmp_path, 
     assert r.returncode == 2 and "Traceback" not in r.stderr
 
 
+def test_report_puts_the_answers_furthest_from_the_best_first(eval_data, tmp_path):
+    """Parse failures first, then by gap = 1 - rerank reward, not by Recall@1: a perfect answer to a question with
+    two relevant pages (R@1 0.5) comes after a real mistake (R@1 0, but its positive is second: gap 0.875)."""
+    from mmr5.report import write_report
+    from mmr5.rewards import fused_reward
+
+    def record(id, text, positives, n=3):
+        rewards = fused_reward(text, positives, n)
+        order, parsed = ([int(i) - 1 for i in text[text.index("[") + 1:text.index("]")].split(",")], True) \
+            if "<answer>" in text else (list(range(n)), False)
+        return {"id": id, "query": f"query {id}", "domain": "d", "order": order, "parsed": parsed, "text": text,
+                "positives": positives, "recall@1": float(order[0] + 1 in positives) / len(positives),
+                "reward_rerank": rewards["rerank"]}
+
+    records = [record("perfect-two", "<answer>[1, 2, 3]</answer>", [1, 2]),
+               record("second", "<answer>[1, 2, 3]</answer>", [2]),
+               record("unparsed", "no answer", [1]),
+               record("last", "<answer>[1, 2, 3]</answer>", [3]),
+               record("perfect-one", "<answer>[3, 1, 2]</answer>", [3])]
+    images = {r["id"]: [str(eval_data / f"p0_{j}.png") for j in range(3)] for r in records}
+    write_report(tmp_path / "report.html", records, images, "table", "title")
+    html = (tmp_path / "report.html").read_text()
+    ids = re.findall(r"data-id='([^']+)' data-mistakes='(\d)' data-unparsed='(\d)'", html)
+    assert ids == [("unparsed", "1", "1"), ("last", "1", "0"), ("second", "1", "0"), ("perfect-two", "0", "0"),
+                   ("perfect-one", "0", "0")]
+    assert re.findall(r"gap (\d\.\d\d)", html) == ["1.00", "0.96", "0.88", "0.00", "0.00"]
+    assert "mistakes (3)" in html and "parse failures (1)" in html and "<script>" in html
+
+
 def test_report_renders_in_headless_chromium(tiny_model_dirs, eval_data, tmp_path):
     """The HTML report renders in a real browser. Chromium is a system package, not a pip one: on a machine
     without it (a fresh one running the README's test command) this is skipped; CI installs it and sets
@@ -108,4 +138,5 @@ def test_report_renders_in_headless_chromium(tiny_model_dirs, eval_data, tmp_pat
         assert len(set(im.convert("L").resize((64, 48)).getdata())) > 5  # not a blank page
     dom = subprocess.run([chromium, *flags, "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120)
     assert dom.stdout.count('class="query"') == 5  # every query made it into the rendered page
+    assert "5 shown" in dom.stdout  # the filter script ran
     assert dom.stdout.count("<img") == 3 + 4 + 3 + 4 + 3

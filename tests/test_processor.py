@@ -316,6 +316,17 @@ def test_labels_mask_covers_exactly_the_response(proc, hf):
         assert proc.decode(ids[-1:], skip_special_tokens=False) == "\n"
 
 
+def test_prompt_length_counts_what_rerank_inputs_builds(proc):
+    """The pre-pass's count from image sizes alone equals the built rows' lengths, prompt and prompt + response."""
+    queries, responses = ["Which page has the table?", "map?"], ["<think>x</think><answer>[2, 1]</answer>", "[1]"]
+    images = batch_images([2, 3], seed=1)
+    prompts = proc.rerank_inputs(queries, images)["prompt_lengths"].tolist()
+    rows = proc.rerank_inputs(queries, images, responses)["attention_mask"].sum(1).tolist()
+    sizes = [[im.size for im in ims] for ims in images]
+    assert [proc.prompt_length(q, s) for q, s in zip(queries, sizes)] == prompts
+    assert [proc.prompt_length(q, s, r) for q, s, r in zip(queries, sizes, responses)] == rows
+
+
 def test_user_errors(proc, model_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         Processor.from_pretrained(str(tmp_path))

@@ -68,3 +68,39 @@ def test_scores_read_after_answer_open(tiny_model_dirs):
         digits = [proc.encode(str(i))[0] for i in range(1, len(images[b]) + 1)]
         expected = logits[0, end, digits].softmax(-1)
         assert torch.allclose(torch.tensor(scores[b]), expected, atol=1e-5)
+
+
+def fake_outputs(monkeypatch, texts):
+    """generate returns `texts` (one per row) instead of what the random model writes."""
+    real_generate = sampler_module.generate
+
+    def fake_generate(*args, **kwargs):
+        rollout = real_generate(*args, **{**kwargs, "max_new_tokens": 2})
+        rollout.texts = list(texts)
+        return rollout
+
+    monkeypatch.setattr("mmr5.reranker.generate", fake_generate)
+
+
+def test_rank_answers_as_cross_encoder_rank(tiny_model_dirs, monkeypatch):
+    """sentence-transformers' shape: [{"corpus_id", "score"}], best first, scores = P(ranked first) when they
+    exist; the list follows them (ties in the generated order), top_k cuts it, return_documents adds the image."""
+    reranker = Reranker.from_pretrained(tiny_model_dirs["qwen2_5_vl"])
+    images = page_images(4)
+    fake_outputs(monkeypatch, ["<think>x</think><answer>[3, 1, 4, 2]</answer>"])
+    scores = reranker.rerank("q", images).scores
+    ranked = reranker.rank("q", images)
+    assert [r["corpus_id"] for r in ranked] == sorted(range(4), key=lambda i: -scores[i])
+    assert [r["score"] for r in ranked] == sorted(scores, reverse=True) and set(ranked[0]) == {"corpus_id", "score"}
+    top = reranker.rank("q", images, top_k=2, return_documents=True)
+    assert top == [{**r, "image": images[r["corpus_id"]]} for r in ranked[:2]]
+    with pytest.raises(ValueError, match="top_k"):
+        reranker.rank("q", images, top_k=0)
+
+
+def test_rank_without_scores_uses_the_generated_order(tiny_model_dirs, monkeypatch):
+    reranker = Reranker.from_pretrained(tiny_model_dirs["qwen2_vl"])
+    fake_outputs(monkeypatch, ["<think>x</think><answer>[3, 1, 4, 2]</answer>"])
+    ranked = reranker.rank("q", page_images(4), scores=False)  # as with over 9 candidates or no "<answer>["
+    assert ranked == [{"corpus_id": 2, "score": 1.0}, {"corpus_id": 0, "score": 0.75},
+                      {"corpus_id": 3, "score": 0.5}, {"corpus_id": 1, "score": 0.25}]

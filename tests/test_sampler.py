@@ -127,6 +127,7 @@ def test_stop_tokens_end_rows_independently(tiny_model_dirs):
         assert stopped.mask[r].sum() == end
         assert stopped.tokens[r, :end].tolist() == seq[:end]
         assert (stopped.tokens[r, end:] == proc.pad_id).all() and not stopped.mask[r, end:].any()
+        assert bool(stopped.finished[r]) == (stop in seq)  # cut at max_new_tokens: not finished
     assert stopped.mask.sum(1).min() < 20 and stopped.mask.sum(1).max() == 20
 
 

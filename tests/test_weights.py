@@ -95,7 +95,7 @@ def copy_checkpoint(src, dst):
 def test_missing_directory_and_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         Qwen2VL.from_pretrained(tmp_path)
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(FileNotFoundError, match="nope does not exist; expected a checkpoint folder"):
         Qwen2VL.from_pretrained(tmp_path / "nope")
 
 
