@@ -107,13 +107,16 @@ class PPOConfig:
 
 
 class ValueHead(nn.Module):
-    """V(s) = w . h + b on the last hidden state, zero at init: the critic starts neutral. It is attached as
-    `model.value_head` (of the policy, or of a separate critic model), so DDP / FSDP treat it as part of the model."""
+    """V(s) = w . h + b on the last hidden state. It is attached as `model.value_head` (of the policy, or of a
+    separate critic model), so DDP / FSDP treat it as part of the model.
+
+    w starts small (V ~ 0, a neutral critic) but not zero: a zero w passes no gradient back, so a critic's own trunk
+    could not start learning to read the response until the head had grown."""
 
     def __init__(self, hidden: int):
         super().__init__()
         self.linear = nn.Linear(hidden, 1)
-        nn.init.zeros_(self.linear.weight)
+        nn.init.normal_(self.linear.weight, std=1 / hidden)
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, h):

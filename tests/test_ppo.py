@@ -397,8 +397,8 @@ def test_grpo_loss_and_gradient_equal_trl(rollout_setup, tmp_path, loss_agg, los
 
 
 def answer_rollouts(proc, batch, n: int, seed: int):
-    """Responses that reason a little, then answer; the return is 1 iff the answer lists image 1 first. What decides
-    it is written a few tokens before each response's end, at a position that varies from row to row."""
+    """Responses that name the best image, reason a little, then answer; the return is 1 iff the answer lists image 1
+    first. What decides it is written early, and each response ends at its own position."""
     g = torch.Generator().manual_seed(seed)
     rows, scores = [], []
     for _ in range(batch["input_ids"].shape[0] * n):
@@ -406,7 +406,8 @@ def answer_rollouts(proc, batch, n: int, seed: int):
         rest = [i for i in (1, 2, 3) if i != first]
         filler = " ".join(["red", "page", "shape", "blue"][int(i)] for i in torch.randint(0, 4, (int(torch.randint(
             0, 6, (1,), generator=g)),), generator=g))
-        rows.append(proc.encode(f"<think>{filler}</think><answer>[{first}, {rest[0]}, {rest[1]}]</answer>")
+        rows.append(proc.encode(f"<think>Image {first} is best. {filler}</think><answer>[{first}, {rest[0]}, "
+                                f"{rest[1]}]</answer>")
                     + [proc.im_end_id])
         scores.append(float(first == 1))
     T = max(map(len, rows))
@@ -426,7 +427,7 @@ def critic_explained_variance_last(path, critic_kind: str, passes: int = 12) -> 
     (critic or policy).value_head = ValueHead(policy.config.text.hidden_size)
     trained = critic if critic is not None else policy.value_head
     params = [p for p in trained.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    optimizer = torch.optim.AdamW(params, lr=3e-3)
     cfg = PPOConfig(epochs=1, minibatch_size=8, micro_batch_size=8)
     batch = proc.rerank_inputs([f"query {i}" for i in range(4)], [page_images(3, seed=i) for i in range(4)])
     pages = encode_pages(policy, batch)
