@@ -396,9 +396,10 @@ def test_grpo_loss_and_gradient_equal_trl(rollout_setup, tmp_path, loss_agg, los
     assert relative_error(ours, trl_grads) < 1e-5
 
 
-def answer_rollouts(proc, batch, n: int, seed: int):
+def answer_rollouts(proc, batch, n: int, seed: int, decided_last: bool = False):
     """Responses that name the best image, reason a little, then answer; the return is 1 iff the answer lists image 1
-    first. What decides it is written early, and each response ends at its own position."""
+    first, and each response ends at its own position. `decided_last`: the image is named in the response's last
+    token before the stop token instead, which only the state that predicts the stop token has read."""
     g = torch.Generator().manual_seed(seed)
     rows, scores = [], []
     for _ in range(batch["input_ids"].shape[0] * n):
@@ -406,9 +407,12 @@ def answer_rollouts(proc, batch, n: int, seed: int):
         rest = [i for i in (1, 2, 3) if i != first]
         filler = " ".join(["red", "page", "shape", "blue"][int(i)] for i in torch.randint(0, 4, (int(torch.randint(
             0, 6, (1,), generator=g)),), generator=g))
-        rows.append(proc.encode(f"<think>Image {first} is best. {filler}</think><answer>[{first}, {rest[0]}, "
-                                f"{rest[1]}]</answer>")
-                    + [proc.im_end_id])
+        if decided_last:
+            ids = proc.encode(f"<think>{filler}</think><answer>[") + proc.encode(str(first))
+        else:
+            ids = proc.encode(f"<think>Image {first} is best. {filler}</think><answer>[{first}, {rest[0]}, "
+                              f"{rest[1]}]</answer>")
+        rows.append(ids + [proc.im_end_id])
         scores.append(float(first == 1))
     T = max(map(len, rows))
     tokens = torch.full((len(rows), T), proc.pad_id)
@@ -418,7 +422,7 @@ def answer_rollouts(proc, batch, n: int, seed: int):
     return types.SimpleNamespace(tokens=tokens, mask=mask), torch.tensor(scores)
 
 
-def critic_explained_variance_last(path, critic_kind: str, passes: int = 12) -> float:
+def critic_explained_variance_last(path, critic_kind: str, passes: int = 12, decided_last: bool = False) -> float:
     """Train a critic on returns the written answer decides (value-only updates, as value pretraining does) and
     return its explained variance at the last token of held-out responses."""
     torch.manual_seed(0)
@@ -431,7 +435,7 @@ def critic_explained_variance_last(path, critic_kind: str, passes: int = 12) -> 
     cfg = PPOConfig(epochs=1, minibatch_size=8, micro_batch_size=8)
     batch = proc.rerank_inputs([f"query {i}" for i in range(4)], [page_images(3, seed=i) for i in range(4)])
     pages = encode_pages(policy, batch)
-    data = [answer_rollouts(proc, batch, 4, seed) for seed in range(6)]
+    data = [answer_rollouts(proc, batch, 4, seed, decided_last) for seed in range(6)]
     for p in range(passes):
         for rollout, scores in data[:-1]:
             exp = make_experience(policy, batch, pages, rollout, scores, 4, cfg, 0.0, critic, reference=policy)
@@ -448,3 +452,9 @@ def test_a_critic_learns_a_return_the_written_answer_decides(tiny_model_dirs):
     path = tiny_model_dirs["qwen2_5_vl"]
     assert critic_explained_variance_last(path, "separate") >= 0.9
     assert critic_explained_variance_last(path, "shared") < 0.5
+
+
+def test_a_critic_reads_the_last_token_before_the_stop(tiny_model_dirs):
+    """V at the stop token is read from the state that has seen the token before it: a value taken one position
+    early, or a reward placed on the wrong token, cannot explain this return."""
+    assert critic_explained_variance_last(tiny_model_dirs["qwen2_5_vl"], "separate", decided_last=True) >= 0.9
