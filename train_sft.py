@@ -47,8 +47,9 @@ def parse_args(argv=None):
     t.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
     t.add_argument("--log-every", type=int, default=10, help="write metrics.jsonl / curve.png every N steps")
     args, demo = parse_run_args(p, argv, DEMO)
-    if args.batch_size <= 0 or args.log_every <= 0:
-        p.error("--batch-size and --log-every must be positive")
+    for name in ("batch_size", "log_every"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
     if args.lr <= 0 or args.micro_batch_size < 0 or (args.steps is not None and args.steps <= 0) or args.epochs <= 0:
         p.error("--lr, --steps and --epochs must be positive, --micro-batch-size >= 0")
     return args, demo

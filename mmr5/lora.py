@@ -80,13 +80,6 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 32, targets: str = 
     return ["model." + n for n in chosen]
 
 
-def lora_config(model: nn.Module) -> dict:
-    """rank, alpha, targets, dropout: what `add_lora` needs to rebuild the adapters (JSON-serialisable)."""
-    if not _lora_modules(model):
-        raise ValueError("the model has no LoRA adapters")
-    return dict(model.lora_settings)
-
-
 @contextmanager
 def lora_disabled(model: nn.Module):
     """Every adapter off inside the block (the base model: PPO's reference policy), back as before after it.
@@ -115,26 +108,3 @@ def merge_lora(model: nn.Module) -> list[str]:
     if names:
         del model.lora_settings
     return names
-
-
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Adapter weights only, e.g. `model.layers.0.self_attn.q_proj.lora_A` -> [r, in] float32."""
-    return {f"{n}.{k}": getattr(m, k).detach() for n, m in _lora_modules(model) for k in ("lora_A", "lora_B")}
-
-
-def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]):
-    """Copy saved adapter weights into a model that `add_lora` has given the same adapters (all checked first)."""
-    own = lora_state_dict(model)
-    if not own:
-        raise ValueError("the model has no LoRA adapters: call add_lora(model, **lora_config) first")
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: saved {list(state[k].shape)} vs model {list(own[k].shape)}"
-              for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
-    problems = [f"{len(v)} {what} ({', '.join(v[:3])}{' ...' if len(v) > 3 else ''})"
-                for what, v in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if v]
-    if problems:
-        raise ValueError("LoRA state does not fit the model's adapters: " + "; ".join(problems))
-    with torch.no_grad():
-        for k, t in own.items():
-            t.copy_(state[k])

@@ -110,13 +110,14 @@ class ValueHead(nn.Module):
     """V(s) = w . h + b on the last hidden state. It is attached as `model.value_head` (of the policy, or of a
     separate critic model), so DDP / FSDP treat it as part of the model.
 
-    w starts small (V ~ 0, a neutral critic) but not zero: a zero w passes no gradient back, so a critic's own trunk
-    could not start learning to read the response until the head had grown."""
+    w starts tiny (V ~ 0, a neutral critic) but not zero: a zero w passes no gradient back, so a critic's own trunk
+    could not start learning to read the response until the head had grown (Adam's steps do not depend on the
+    gradient's scale, only on its direction)."""
 
     def __init__(self, hidden: int):
         super().__init__()
         self.linear = nn.Linear(hidden, 1)
-        nn.init.normal_(self.linear.weight, std=1 / hidden)
+        nn.init.normal_(self.linear.weight, std=1e-3 / hidden)
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, h):
