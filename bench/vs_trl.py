@@ -1,11 +1,13 @@
-"""GRPO step for step: mmr5 (train_ppo.py --advantage grpo's step) against TRL's GRPOTrainer on the same work.
+"""mmr5 against TRL on the same work: train_ppo.py --advantage grpo's step vs TRL's GRPOTrainer, and
+train_sft.py's step vs TRL's SFTTrainer.
 
 The same model (the demo's SFT model by default), the same rerank prompts and pages, the same fused reward, the same
 objective (group advantages, clip 0.2, beta 0.04 k3 KL, sequence aggregation, full fine-tuning with a frozen
 reference copy, vision tower frozen), `--prompts` x `--samples` rows per rollout, `--epochs` passes over it in
 `--minibatch`-row optimizer steps. One rollout and its updates = one step. Each side runs in its own fresh process
 per repetition (peak RSS is its own), the sides taking turns (this machine's speed drifts); the first step of each
-process is a warm-up and is not counted.
+process is a warm-up and is not counted. SFT: `--sft-batch` samples of the demo's SFT data per optimizer step
+(its batch), lr 2e-3 constant, full fine-tuning, vision trained, the loss on response tokens only.
 
 TRL, transformers, accelerate and datasets are bench-only (requirements-bench.txt); no CPU torchvision wheel is
 reachable here, so TRL's Qwen2.5-VL processor is assembled from its parts (the PIL image processor, the tokenizer,
@@ -23,6 +25,7 @@ import torch
 from common import in_own_process, rss_kib, setup_threads
 
 PHASES = ("rollout", "reward", "log-probs (old + reference)", "update")
+SFT_PHASES = ("forward + backward", "data, optimizer")
 
 
 def load_samples(path, count):
@@ -177,6 +180,105 @@ def trl_steps(args, queue):
                    peak_rss_gib=rss_kib("VmHWM") / 2**20))
 
 
+def mmr5_sft_steps(args, queue):
+    """train_sft.py's step (one micro-batch: the whole batch), timed."""
+    from mmr5.model import Qwen2VL
+    from mmr5.processor import Processor
+    from mmr5.sft import sft_batch, sft_loss
+
+    setup_threads()
+    torch.manual_seed(0)
+    samples = load_samples(args.train, args.sft_batch * (args.steps + 1))
+    model = Qwen2VL.from_pretrained(args.model).train()
+    processor = Processor.from_pretrained(args.model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.sft_lr, weight_decay=0.0, betas=(0.9, 0.95))
+    phases, tokens, start = dict.fromkeys(SFT_PHASES, 0.0), 0, None
+    for step in range(args.steps + 1):
+        if step == 1:
+            phases, tokens, start = dict.fromkeys(SFT_PHASES, 0.0), 0, time.perf_counter()
+        t0 = time.perf_counter()
+        batch = sft_batch(processor, samples[step * args.sft_batch:(step + 1) * args.sft_batch])
+        t1 = time.perf_counter()
+        loss, n_tokens = sft_loss(model, batch)
+        (loss / n_tokens).backward()
+        t2 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        phases["forward + backward"] += t2 - t1
+        phases["data, optimizer"] += time.perf_counter() - t2 + t1 - t0
+        tokens += int(batch["attention_mask"].sum())
+    queue.put(dict(step_s=(time.perf_counter() - start) / args.steps, phases=phases, tokens=tokens,
+                   peak_rss_gib=rss_kib("VmHWM") / 2**20))
+
+
+def trl_sft_steps(args, queue):
+    """TRL's SFTTrainer on the same samples (prompt-completion form: the loss on the completion only)."""
+    from datasets import Dataset
+    from transformers import AutoModelForImageTextToText, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from mmr5.processor import Processor, load_rgb
+
+    setup_threads()
+    samples = load_samples(args.train, args.sft_batch * (args.steps + 1))
+    ours = Processor.from_pretrained(args.model)
+    dataset = Dataset.from_list([{"prompt": ours.rerank_messages(s.query, len(s.images)),
+                                  "completion": [{"role": "assistant", "content": s.response}],
+                                  "images": [load_rgb(p) for p in s.images]} for s in samples])
+    state = dict(phases=dict.fromkeys(SFT_PHASES, 0.0), tokens=0, start=None)
+
+    class Timed(SFTTrainer):
+        def training_step(self, model, inputs, *a, **k):
+            t0 = time.perf_counter()
+            out = super().training_step(model, inputs, *a, **k)
+            state["phases"]["forward + backward"] += time.perf_counter() - t0
+            state["tokens"] += int(inputs["attention_mask"].sum())
+            return out
+
+    class AfterWarmup(TrainerCallback):
+        def on_step_end(self, _args, trainer_state, control, **kwargs):
+            if trainer_state.global_step == 1:
+                state.update(phases=dict.fromkeys(SFT_PHASES, 0.0), tokens=0, start=time.perf_counter())
+
+    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32)
+    with tempfile.TemporaryDirectory() as out:
+        config = SFTConfig(output_dir=out, per_device_train_batch_size=args.sft_batch, gradient_accumulation_steps=1,
+                           learning_rate=args.sft_lr, adam_beta2=0.95, weight_decay=0.0, lr_scheduler_type="constant",
+                           max_grad_norm=1.0, max_steps=args.steps + 1, use_cpu=True, bf16=False, report_to="none",
+                           save_strategy="no", logging_steps=10**6, seed=0, dataloader_num_workers=0,
+                           max_length=None)
+        trainer = Timed(model=model, args=config, train_dataset=dataset, processing_class=trl_processor(args.model),
+                        callbacks=[AfterWarmup()])
+        trainer.train()
+    total = time.perf_counter() - state["start"]
+    state["phases"]["data, optimizer"] = total - state["phases"]["forward + backward"]
+    queue.put(dict(step_s=total / args.steps, phases=state["phases"], tokens=state["tokens"],
+                   peak_rss_gib=rss_kib("VmHWM") / 2**20))
+
+
+def report(title, results, phases, steps, goal_speed, goal_memory=None):
+    print(title)
+    summary = {}
+    for side, runs in results.items():
+        failed = [r["failed"] for r in runs if "failed" in r]
+        if failed:
+            print(f"  {side}: {failed[0]}")
+            continue
+        step_s = statistics.median(r["step_s"] for r in runs)
+        shares = {k: sum(r["phases"][k] for r in runs) / sum(sum(r["phases"].values()) for r in runs) for k in phases}
+        tokens_s = statistics.median(r["tokens"] / (r["step_s"] * steps) for r in runs)
+        peak = max(r["peak_rss_gib"] for r in runs)
+        summary[side] = (step_s, peak)
+        print(f"  {side:5s} {step_s:7.2f} s/step  {tokens_s:8.1f} tokens/s  peak RSS {peak:.2f} GiB  "
+              + " / ".join(f"{k} {v:.0%}" for k, v in shares.items()))
+    if len(summary) == 2:
+        memory = f" (goal <= {goal_memory})" if goal_memory else ""
+        print(f"  TRL/mmr5 step time {summary['TRL'][0] / summary['mmr5'][0]:.2f}x (goal >= {goal_speed}), "
+              f"mmr5/TRL peak RSS {summary['mmr5'][1] / summary['TRL'][1]:.2f}{memory}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="runs/demo/sft/model", help="HF-layout Qwen2.5-VL directory (python train_sft.py "
@@ -189,33 +291,29 @@ def main():
     p.add_argument("--epochs", type=int, default=2, help="passes over each rollout")
     p.add_argument("--beta", type=float, default=0.04)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--sft-batch", type=int, default=16, help="SFT samples per optimizer step (the demo's)")
+    p.add_argument("--sft-lr", type=float, default=2e-3, help="SFT learning rate (the demo's peak)")
+    p.add_argument("--only", choices=["grpo", "sft"], help="run one comparison (default: both)")
     p.add_argument("--steps", type=int, default=2, help="timed steps per process (after one warm-up step)")
     p.add_argument("--repeat", type=int, default=2, help="processes per side, taking turns")
     args = p.parse_args()
     if (args.prompts * args.samples) % args.minibatch or args.minibatch % args.samples:
         p.error("--minibatch must hold whole groups and divide --prompts x --samples")
-    results = {"mmr5": [], "TRL": []}
-    for _ in range(args.repeat):
-        results["mmr5"].append(in_own_process(mmr5_steps, args))
-        results["TRL"].append(in_own_process(trl_steps, args))
-    print(f"GRPO, {args.prompts} prompts x {args.samples} samples, {args.max_new_tokens} new tokens, {args.epochs} "
-          f"passes in {args.minibatch}-row minibatches; {args.steps} steps x {args.repeat} processes per side")
-    summary = {}
-    for side, runs in results.items():
-        failed = [r["failed"] for r in runs if "failed" in r]
-        if failed:
-            print(f"{side}: {failed[0]}")
-            continue
-        step_s = statistics.median(r["step_s"] for r in runs)
-        shares = {k: sum(r["phases"][k] for r in runs) / sum(sum(r["phases"].values()) for r in runs) for k in PHASES}
-        tokens_s = statistics.median(r["tokens"] / (r["step_s"] * args.steps) for r in runs)
-        peak = max(r["peak_rss_gib"] for r in runs)
-        summary[side] = (step_s, peak)
-        print(f"{side:5s} {step_s:7.2f} s/step  {tokens_s:7.1f} response tokens/s  peak RSS {peak:.2f} GiB  "
-              + " / ".join(f"{k} {v:.0%}" for k, v in shares.items()))
-    if len(summary) == 2:
-        print(f"TRL/mmr5 step time {summary['TRL'][0] / summary['mmr5'][0]:.2f}x (goal >= 3), "
-              f"mmr5/TRL peak RSS {summary['mmr5'][1] / summary['TRL'][1]:.2f} (goal <= 0.8)")
+    if args.only != "sft":
+        results = {"mmr5": [], "TRL": []}
+        for _ in range(args.repeat):
+            results["mmr5"].append(in_own_process(mmr5_steps, args))
+            results["TRL"].append(in_own_process(trl_steps, args))
+        report(f"GRPO, {args.prompts} prompts x {args.samples} samples, {args.max_new_tokens} new tokens, "
+               f"{args.epochs} passes in {args.minibatch}-row minibatches; {args.steps} steps x {args.repeat} "
+               f"processes per side (response tokens/s)", results, PHASES, args.steps, 3, 0.8)
+    if args.only != "grpo":
+        results = {"mmr5": [], "TRL": []}
+        for _ in range(args.repeat):
+            results["mmr5"].append(in_own_process(mmr5_sft_steps, args))
+            results["TRL"].append(in_own_process(trl_sft_steps, args))
+        report(f"SFT, {args.sft_batch} samples per step; {args.steps} steps x {args.repeat} processes per side "
+               f"(prompt + response tokens/s)", results, SFT_PHASES, args.steps, 1.5)
 
 
 if __name__ == "__main__":
