@@ -291,7 +291,8 @@ def mmr5_loss_and_gradient(model, exp, loss_agg, micro_batch_size):
     recorder = GradientRecorder(named)
     cfg = PPOConfig(advantage="grpo", kl_in="loss", loss_agg=loss_agg, clip=EPSILON, epochs=1, minibatch_size=4,
                     micro_batch_size=micro_batch_size, grad_clip=0.0)
-    stats = ppo_update(model, exp, recorder, [p for _, p in named], cfg, BETA, generator=torch.Generator().manual_seed(0))
+    stats = ppo_update(model, exp, recorder, [p for _, p in named], cfg, BETA,
+                       generator=torch.Generator().manual_seed(0))
     assert stats["skipped"] == 0 and stats["clip_frac"] > 0  # some ratios are clipped: the clip is exercised
     return stats["loss"], recorder.steps[0]
 
