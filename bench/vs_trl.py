@@ -169,7 +169,8 @@ def trl_steps(args, queue):
             loss_type="grpo", use_bias_correction_kl=False, learning_rate=args.lr, adam_beta2=0.95,
             weight_decay=0.0, lr_scheduler_type="constant", max_grad_norm=1.0,
             max_steps=updates_per_step * (args.steps + 1), use_cpu=True, bf16=False, report_to="none",
-            save_strategy="no", logging_steps=10**6, seed=0, dataloader_num_workers=0)
+            save_strategy="no", logging_steps=10**6, seed=0, dataloader_num_workers=0,
+            gradient_checkpointing=args.trl_grad_checkpointing == "on")
         trainer = Timed(model=model, reward_funcs=reward, args=config, train_dataset=dataset,
                         processing_class=trl_processor(args.model), callbacks=[AfterWarmup()])
         trainer.train()
@@ -248,7 +249,7 @@ def trl_sft_steps(args, queue):
                            learning_rate=args.sft_lr, adam_beta2=0.95, weight_decay=0.0, lr_scheduler_type="constant",
                            max_grad_norm=1.0, max_steps=args.steps + 1, use_cpu=True, bf16=False, report_to="none",
                            save_strategy="no", logging_steps=10**6, seed=0, dataloader_num_workers=0,
-                           max_length=None)
+                           max_length=None, gradient_checkpointing=args.trl_grad_checkpointing == "on")
         trainer = Timed(model=model, args=config, train_dataset=dataset, processing_class=trl_processor(args.model),
                         callbacks=[AfterWarmup()])
         trainer.train()
@@ -271,8 +272,9 @@ def report(title, results, phases, steps, goal_speed, goal_memory=None):
         tokens_s = statistics.median(r["tokens"] / (r["step_s"] * steps) for r in runs)
         peak = max(r["peak_rss_gib"] for r in runs)
         summary[side] = (step_s, peak)
+        each = ", ".join(f"{r['step_s']:.2f}" for r in runs)
         print(f"  {side:5s} {step_s:7.2f} s/step  {tokens_s:8.1f} tokens/s  peak RSS {peak:.2f} GiB  "
-              + " / ".join(f"{k} {v:.0%}" for k, v in shares.items()))
+              + " / ".join(f"{k} {v:.0%}" for k, v in shares.items()) + f"  (each process: {each} s/step)")
     if len(summary) == 2:
         memory = f" (goal <= {goal_memory})" if goal_memory else ""
         print(f"  TRL/mmr5 step time {summary['TRL'][0] / summary['mmr5'][0]:.2f}x (goal >= {goal_speed}), "
@@ -294,6 +296,8 @@ def main():
     p.add_argument("--sft-batch", type=int, default=16, help="SFT samples per optimizer step (the demo's)")
     p.add_argument("--sft-lr", type=float, default=2e-3, help="SFT learning rate (the demo's peak)")
     p.add_argument("--only", choices=["grpo", "sft"], help="run one comparison (default: both)")
+    p.add_argument("--trl-grad-checkpointing", choices=["on", "off"], default="off", help="TRL's default is on "
+                   "(it recomputes the forward in backward); off is the same work as mmr5's step")
     p.add_argument("--steps", type=int, default=2, help="timed steps per process (after one warm-up step)")
     p.add_argument("--repeat", type=int, default=2, help="processes per side, taking turns")
     args = p.parse_args()
