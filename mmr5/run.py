@@ -19,7 +19,7 @@ from mmr5.checkpoint import (check_output_folder, load_optimizer, optimizer_tens
 from mmr5.data import DataError, read_samples
 from mmr5.lora import add_lora, merge_lora
 from mmr5.metrics import evaluation_records
-from mmr5.model import Qwen2VL
+from mmr5.model import Qwen2VL, check_device
 from mmr5.plots import plot_curves
 from mmr5.processor import Processor
 from mmr5.reranker import Reranker, check_before_loading, check_pair
@@ -110,6 +110,10 @@ class Run:
 
     def __init__(self, args, script: str, identity: tuple[str, ...], curves: list[str]):
         self.args, self.script, self.identity, self.curves = args, script, identity, curves
+        try:
+            check_device(args.device)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
         self.d = distributed.setup(args.device)
         self.main = self.d.main
         self.out = Path(args.out)

@@ -145,8 +145,10 @@ policy = Qwen2VL.from_pretrained(os.environ["MODEL"])
 policy.visual.requires_grad_(False)
 torch.manual_seed(0)
 add_lora(policy, rank=4, alpha=8)
-policy.value_head = ValueHead(policy.config.text.hidden_size)
-torch.nn.init.normal_(policy.value_head.linear.weight, std=0.1)
+grpo = os.environ["ADVANTAGE"] == "grpo"
+if not grpo:  # GRPO has no critic (DDP refuses parameters that get no gradient)
+    policy.value_head = ValueHead(policy.config.text.hidden_size)
+    torch.nn.init.normal_(policy.value_head.linear.weight, std=0.1)
 forward = distributed.wrap(policy, d, fsdp=os.environ["FSDP"] == "1")
 params = [p for p in policy.parameters() if p.requires_grad]
 opt = torch.optim.SGD(params, lr=0.1)
@@ -157,7 +159,6 @@ batch = {"input_ids": fixed["input_ids"][rows], "attention_mask": fixed["attenti
          "image_grid_thw": torch.cat([fixed[f"grid{g}"] for g in rows])}
 pages = ([fixed[f"features{g}"] for g in rows], [fixed[f"grid{g}"] for g in rows])
 rollout = Rollout(fixed["tokens"][sel], fixed["mask"][sel], [], None)
-grpo = os.environ["ADVANTAGE"] == "grpo"
 cfg = PPOConfig(advantage=os.environ["ADVANTAGE"], kl_in="loss" if grpo else "reward", epochs=2,
                 minibatch_size=len(sel), micro_batch_size=1)
 reduce = lambda x: distributed.all_sum(x, d)

@@ -151,6 +151,7 @@ def test_rewards_sit_on_the_last_token_and_kl_enters(rollout_setup):
     scores = torch.tensor([1.0, 0.0, 0.5, 0.2])
     cfg = PPOConfig(gamma=1.0, lam=1.0)
     model.value_head = ValueHead(64)
+    torch.nn.init.zeros_(model.value_head.linear.weight)
     exp = make_experience(model, batch, pages, rollout, scores, 2, cfg, 0.0, reference=model)
     m = exp.mask.float()
     # V = 0, gamma = lam = 1, no KL: every token's return is the sequence's score
@@ -294,7 +295,8 @@ def mmr5_loss_and_gradient(model, exp, loss_agg, micro_batch_size):
     recorder = GradientRecorder(named)
     cfg = PPOConfig(advantage="grpo", kl_in="loss", loss_agg=loss_agg, clip=EPSILON, epochs=1, minibatch_size=4,
                     micro_batch_size=micro_batch_size, grad_clip=0.0)
-    stats = ppo_update(model, exp, recorder, [p for _, p in named], cfg, BETA, generator=torch.Generator().manual_seed(0))
+    stats = ppo_update(model, exp, recorder, [p for _, p in named], cfg, BETA,
+                       generator=torch.Generator().manual_seed(0))
     assert stats["skipped"] == 0 and stats["clip_frac"] > 0  # some ratios are clipped: the clip is exercised
     return stats["loss"], recorder.steps[0]
 
