@@ -165,10 +165,12 @@ class Run:
         self.processor = processor
         return processor
 
-    def trained(self) -> dict:
-        """Every trained tensor, prefixed by its model's name, unsharded. Collective."""
+    def trained(self, names=None) -> dict:
+        """Every trained tensor of the models `names` (default all), prefixed by its model's name, unsharded.
+        Collective."""
         out = {}
-        for name, m in self.models.items():
+        for name in names or self.models:
+            m = self.models[name]
             full = distributed.full_state_dict(m, self.d)
             out.update({f"{name}.{k}": full[k] for k, p in m.named_parameters() if p.requires_grad and k in full})
         return out
@@ -266,7 +268,7 @@ class Run:
             return distributed.cleanup(self.d)
         after = self.evaluate() if self.evals else None
         name = final or next(iter(self.models))
-        weights = {k[len(name) + 1:]: v for k, v in self.trained().items() if k.startswith(name + ".")}
+        weights = {k[len(name) + 1:]: v for k, v in self.trained([name]).items()}  # not a separate critic's
         if self.main:
             if after is not None:
                 self.log({"step": self.step, **after})

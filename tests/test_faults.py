@@ -26,8 +26,10 @@ def sft_args(model, data, out, steps=10):
 
 
 def logged_steps(out) -> int:
-    metrics = out / "metrics.jsonl"
-    return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+    try:  # a restarted run without a checkpoint yet deletes its old metrics.jsonl, maybe between two calls here
+        return len((out / "metrics.jsonl").read_text().splitlines())
+    except FileNotFoundError:
+        return 0
 
 
 def new_temporary_checkpoint(root, since: float) -> bool:
