@@ -261,21 +261,21 @@ class Processor:
             rows.append(self.expand_image_pads(self.encode(self.render(messages)), grid))
             all_patches.append(pixel_values)
             all_grids.append(grid)
-        length = max(map(len, rows))
-        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.int64)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.int64)
-        for b, ids in enumerate(rows):
-            input_ids[b, length - len(ids):] = torch.tensor(ids, dtype=torch.int64)
-            attention_mask[b, length - len(ids):] = 1
-        batch = dict(input_ids=input_ids, attention_mask=attention_mask,
+        batch = dict(input_ids=left_pad(rows, self.pad_id, torch.int64),
+                     attention_mask=left_pad([[1] * len(ids) for ids in rows], 0, torch.int64),
                      prompt_lengths=torch.tensor([len(ids) for ids in rows]))
         if any(len(images) for images in images_per_conversation):
             batch.update(pixel_values=torch.cat(all_patches), image_grid_thw=torch.cat(all_grids))
         return batch
 
-    def prompt_length(self, query, image_sizes, response=None) -> int:
-        """Tokens of the rerank prompt (+ response) for images of these (width, height), without decoding any."""
-        tokens = len(self.encode(self.rerank_prompt(query, len(image_sizes)))) - len(image_sizes)
+    def prompt_length(self, query, image_sizes, response=None, text_tokens: dict | None = None) -> int:
+        """Tokens of the rerank prompt (+ response) for images of these (width, height), without decoding any.
+        `text_tokens` caches the prompt text's count per (query, page count) over many calls."""
+        text_tokens = {} if text_tokens is None else text_tokens
+        key = (query, len(image_sizes))
+        if key not in text_tokens:  # the prompt's text, less one <|image_pad|> per page
+            text_tokens[key] = len(self.encode(self.rerank_prompt(query, len(image_sizes)))) - len(image_sizes)
+        tokens = text_tokens[key]
         for width, height in image_sizes:
             h, w = smart_resize(height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels)
             tokens += (h // self.patch_size) * (w // self.patch_size) // self.merge_size ** 2
@@ -286,14 +286,14 @@ class Processor:
     def check_prompt_lengths(self, samples: list[Sample], context: int, responses: bool = False):
         """Raise a one-line ValueError naming the first sample whose prompt (+ response, the SFT row) is longer than
         `context` tokens (max_position_embeddings): the model was never trained on positions past it."""
-        sizes = {}
+        sizes, text_tokens = {}, {}  # queries repeat across a file (the demo's 6000 samples ask 60 questions)
         for sample in samples:
             for path in sample.images:
                 if path not in sizes:
                     with Image.open(path) as image:  # reads the header only
                         sizes[path] = image.size
             n = self.prompt_length(sample.query, [sizes[p] for p in sample.images],
-                                   sample.response if responses else None)
+                                   sample.response if responses else None, text_tokens)
             if n > context:
                 raise ValueError(f"sample {sample.id}: its {'row' if responses else 'prompt'} is {n} tokens, longer "
                                  f"than the model's context of {context} (max_position_embeddings): give fewer or "
@@ -330,20 +330,22 @@ class Processor:
             label_masks.append(labels)
             all_patches.append(pixel_values)
             all_grids.append(grid)
-        length = max(len(ids) for ids in rows)
-        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.int64)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.int64)
-        labels_mask = torch.zeros((len(rows), length), dtype=torch.bool)
-        for b, (ids, labels) in enumerate(zip(rows, label_masks)):
-            input_ids[b, length - len(ids):] = torch.tensor(ids, dtype=torch.int64)
-            attention_mask[b, length - len(ids):] = 1
-            labels_mask[b, length - len(ids):] = torch.tensor(labels, dtype=torch.bool)
-        batch = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=torch.cat(all_patches),
+        batch = dict(input_ids=left_pad(rows, self.pad_id, torch.int64),
+                     attention_mask=left_pad([[1] * len(ids) for ids in rows], 0, torch.int64),
+                     pixel_values=torch.cat(all_patches),
                      image_grid_thw=torch.cat(all_grids), images_per_row=torch.tensor([len(g) for g in all_grids]),
                      prompt_lengths=torch.tensor(prompt_lengths))
         if responses is not None:
-            batch["labels_mask"] = labels_mask
+            batch["labels_mask"] = left_pad(label_masks, False, torch.bool)
         return batch
+
+
+def left_pad(rows: list[list], fill, dtype) -> torch.Tensor:
+    """[B, longest] tensor of the rows, each right-aligned after `fill`s (prompts end on the same column)."""
+    out = torch.full((len(rows), max(map(len, rows))), fill, dtype=dtype)
+    for b, row in enumerate(rows):
+        out[b, out.shape[1] - len(row):] = torch.tensor(row, dtype=dtype)
+    return out
 
 
 def _valid_image_setting(key, value) -> bool:
