@@ -68,9 +68,9 @@ def parse_args(argv=None):
             p.error("no --model and no built-in model yet: run `python train_sft.py` first")
         args.model = found
         if not (args.data or any(mmdocir)):
-            from mmr5.synthetic import build_demo
+            from mmr5.synthetic import build_demo, build_rl_demo
 
-            args.data = build_demo()["eval"]
+            args.data = (build_rl_demo() if found == BUILT_IN[0] else build_demo())["eval"]  # its own stage's
     if not (args.data or any(mmdocir)):
         p.error("give --data FILE.jsonl or the three --mmdocir-* inputs")
     args.out = args.out or str(Path(args.model).parent / "eval")

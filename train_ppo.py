@@ -19,15 +19,15 @@ from tqdm import tqdm
 from mmr5 import distributed
 from mmr5.data import sample_order
 from mmr5.ppo import (AdaptiveKL, PPOConfig, ValueHead, encode_pages, explained_variance, last_token,
-                      make_experience, ppo_update)
+                      make_experience, outcome, ppo_update)
 from mmr5.rewards import fused_reward
 from mmr5.run import Run, add_config_flags, add_run_flags, config_from_args, parse_run_args
 from mmr5.sampler import generate
 
 # The built-in demo (why these settings: bench/README.md, "The PPO demo's settings").
 DEMO = dict(out="runs/demo/ppo", steps=60, prompts_per_step=24, samples=4, lr=1e-4, max_new_tokens=128,
-            eval_every=20, eval_max_new_tokens=128, save_every=5, minibatch_size=24, micro_batch_size=16,
-            lam=1.0, kl_in="loss", critic_lr=1e-5)
+            eval_every=10, eval_max_new_tokens=128, save_every=5, minibatch_size=24, micro_batch_size=16,
+            critic="separate", critic_warmup=10, critic_warmup_patience=5, lam=1.0)
 DEMO_SFT = "runs/demo/sft"
 RUN_IDENTITY = ("model", "train", "prompts_per_step", "samples", "lora_rank", "lora_alpha", "lora_targets", "critic",
                 "advantage", "seed")
@@ -56,9 +56,9 @@ def demo_inputs(args):
         done = subprocess.run([sys.executable, str(Path(__file__).with_name("train_sft.py"))])
         if done.returncode:
             sys.exit(f"error: the built-in SFT run failed (exit code {done.returncode}); see its output above")
-    from mmr5.synthetic import build_demo
+    from mmr5.synthetic import build_rl_demo
 
-    paths = build_demo()
+    paths = build_rl_demo()  # harder prompts than SFT's: its model is at the ceiling of its own task
     args.model, args.train, args.eval = str(Path(DEMO_SFT) / "model"), paths["train"], paths["eval"]
 
 
@@ -177,6 +177,10 @@ def main(argv=None):
         warming = cfg.advantage == "gae" and run.step < cfg.critic_warmup and not run.state.get("warmup_over")
         t_rollout = time.time() - t0
         scores, parts = score(out.texts, samples, cfg)
+        if cfg.advantage == "gae" and run.step == 0:
+            first = outcome(scores, cfg.samples, cfg)
+            first = first[first.isfinite()]  # a non-finite score is skipped by the update; it must not set V
+            (critic or policy).value_head.start_at(reduce(float(first.sum())) / max(1.0, reduce(float(first.numel()))))
         with run.autocast:
             exp = make_experience(policy, batch, pages, out, scores, cfg.samples, cfg, kl_ctl.value, critic,
                                   reference, reduce)

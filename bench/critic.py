@@ -21,8 +21,8 @@ from common import setup_threads
 
 from mmr5.data import read_samples
 from mmr5.model import Qwen2VL
-from mmr5.ppo import (PPOConfig, ValueHead, encode_pages, explained_variance, make_experience, masked_mean,
-                      response_forward)
+from mmr5.ppo import (PPOConfig, ValueHead, encode_pages, explained_variance, last_token, make_experience,
+                      masked_mean, response_forward)
 from mmr5.processor import Processor
 from mmr5.rewards import fused_reward
 from mmr5.sampler import generate
@@ -45,8 +45,8 @@ def rollouts(policy, processor, train, count, prompts, n, max_new_tokens, rng, s
     return out
 
 
-def evaluate(model, exps) -> tuple[float, float]:
-    """Held-out explained variance over all response tokens and at the first response token."""
+def evaluate(model, exps) -> tuple[float, float, float]:
+    """Held-out explained variance over all response tokens, at the first and at the last response token."""
     values, returns, masks = [], [], []
     with torch.no_grad():
         for e in exps:
@@ -59,11 +59,12 @@ def evaluate(model, exps) -> tuple[float, float]:
                for xs in (values, returns, masks))
     first = torch.zeros_like(m)
     first[:, 0] = m[:, 0]
-    return explained_variance(v, r, m), explained_variance(v, r, first)
+    return explained_variance(v, r, m), explained_variance(v, r, first), explained_variance(v, r, last_token(m))
 
 
 def fit(name, model, params, lr, passes, train_exps, test_exps, minibatch=48, micro=16):
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    model.value_head.start_at(torch.cat([e.returns[e.mask.bool()] for e in train_exps]).mean().item())  # as PPO
     t0 = time.time()
     for p in range(passes):
         model.train()
@@ -78,9 +79,9 @@ def fit(name, model, params, lr, passes, train_exps, test_exps, minibatch=48, mi
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         model.eval()
-        ev_all, ev_first = evaluate(model, test_exps)
+        ev_all, ev_first, ev_last = evaluate(model, test_exps)
         print(f"{name:<9} lr {lr:g}  pass {p + 1}  ({time.time() - t0:4.0f} s)  held-out EV: all tokens "
-              f"{ev_all:+.3f}, first token {ev_first:+.3f}", flush=True)
+              f"{ev_all:+.3f}, first token {ev_first:+.3f}, last token {ev_last:+.3f}", flush=True)
 
 
 def main():

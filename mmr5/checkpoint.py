@@ -84,8 +84,9 @@ def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ten
     for key, value in [*tensors.items(), *meta["scalars"].items()]:
         name, field = key.rsplit("|", 1)
         state.setdefault(name, {})[field] = value
+    # strict=False: a parameter not stepped yet (the policy during critic warm-up) has no state, as when saved.
     set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": meta["param_groups"]},
-                             options=StateDictOptions(full_state_dict=True))
+                             options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def save_checkpoint(out_dir, step: int, weights: dict[str, torch.Tensor], optimizer_state: tuple[dict, dict],

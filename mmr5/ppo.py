@@ -50,8 +50,13 @@ class PPOConfig:
     reward_clip: float = setting(10.0, "clip sequence scores to +-this")
     # the estimator and its losses
     advantage: str = setting("gae", "PPO with a critic, or the release's GRPO", choices=["gae", "grpo"])
-    critic: str = setting("shared", "value head on the policy's trunk, or on a separate copy of the model",
+    critic: str = setting("separate", "a value head on a separate copy of the starting model (a trunk of its own "
+                          "that learns to read: explained variance 0.3-0.5 at the last token on the demo), or on the "
+                          "policy's detached states (shared: about 0 there, but no second model in memory)",
                           choices=["shared", "separate"])
+    score_baseline: str = setting("none", "gae: subtract from each score the mean score of its prompt's samples "
+                                  "before GAE (group: the critic then predicts only how a response differs from its "
+                                  "prompt's average, which it can read from the response)", choices=["none", "group"])
     kl_coef: float = setting(0.05, "beta: weight of KL(policy || reference) (the release's GRPO: 0.04)")
     kl_in: str | None = setting(None, "k1 per token in the reward, or k3 in the loss (default: reward for gae, "
                                 "loss for grpo)", choices=["reward", "loss"], type=str)
@@ -59,7 +64,8 @@ class PPOConfig:
                                       type=float)
     kl_horizon: int = setting(10000, "horizon of the adaptive KL controller")
     gamma: float = setting(1.0, "GAE discount")
-    lam: float = setting(0.95, "GAE lambda of the policy's advantages (VC-PPO: 0.95-0.99 best, 1.0 worst)")
+    lam: float = setting(0.95, "GAE lambda of the policy's advantages (VC-PPO, a pretrained 7B critic: 0.95-0.99 "
+                         "best, 1.0 worst; the demo, whose critic explains ~0.3: 1.0 learned faster)")
     lam_critic: float = setting(1.0, "GAE lambda of the critic's value targets (decoupled GAE, VC-PPO: 1.0, the "
                                 "Monte-Carlo return, unbiased by the critic's own errors)")
     lam_alpha: float = setting(0.0, "if > 0, VAPO's length-adaptive policy lambda 1 - 1/(alpha * response length) "
@@ -82,10 +88,10 @@ class PPOConfig:
                                       "default 10x --lr: the zero-initialised head must reach the rewards' scale "
                                       "within a few steps, or GAE's advantages are mostly the critic's error",
                                       type=float)
-    critic_warmup: int = setting(0, "value pretraining: at most the first N steps train only the critic, on the "
+    critic_warmup: int = setting(10, "value pretraining: at most the first N steps train only the critic, on the "
                                  "starting policy's returns (VAPO: 50); it ends early once the critic's explained "
                                  "variance on each new rollout, before it trains on it, stops rising")
-    critic_warmup_patience: int = setting(3, "value pretraining ends after this many steps without a new best "
+    critic_warmup_patience: int = setting(5, "value pretraining ends after this many steps without a new best "
                                           "explained variance")
     grad_clip: float = setting(1.0, "clip the gradient norm (0 = off)")
 
@@ -122,6 +128,12 @@ class ValueHead(nn.Module):
 
     def forward(self, h):
         return self.linear(h.to(self.linear.weight.dtype)).squeeze(-1)
+
+    @torch.no_grad()
+    def start_at(self, mean_return: float):
+        """V starts at the first rollout's mean return (lam 1, no KL yet: its score). From 0, Adam's lr-sized steps
+        spent the whole value pretraining on that constant and explained variance stayed at 0 (bench/README.md)."""
+        self.linear.bias.fill_(mean_return)
 
 
 # ---- the pieces, each checked on its own in tests/test_ppo.py ----
@@ -184,6 +196,16 @@ def group_advantages(scores, group_size: int, eps: float = 1e-4):
     groups = scores.view(-1, group_size)
     std = groups.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(groups[:, :1])
     return ((groups - groups.mean(dim=1, keepdim=True)) / (std + eps)).flatten()
+
+
+def outcome(scores, group_size: int, cfg: PPOConfig):
+    """The reward GAE sees at a response's last token: its score, less its prompt's mean score with
+    `--score-baseline group` (how hard a prompt is, a critic must read from the pages; how a response differs from
+    its siblings, from the response)."""
+    if cfg.score_baseline == "group":
+        groups = scores.view(-1, group_size)
+        return (groups - groups.mean(dim=1, keepdim=True)).flatten()
+    return scores
 
 
 def policy_loss(logp, old_logp, advantages, mask, clip: float, max_log_ratio: float = 20.0, mean=masked_mean):
@@ -385,7 +407,7 @@ def make_experience(policy: Qwen2VL, prompt_batch: dict, pages: tuple[list, list
         if cfg.kl_in == "reward":  # r_t = -beta * k1_t at every token ...
             rewards -= kl_coef * kl_estimate(exp.old_logp, exp.ref_logp, "k1", cfg.max_log_ratio) * m
         last = (mask.sum(1) - 1).clamp(min=0)  # ... + the sequence's score at its last real token
-        rewards[torch.arange(R), last] += exp.scores * mask.any(1)
+        rewards[torch.arange(R), last] += outcome(exp.scores, group_size, cfg) * mask.any(1)
         exp.old_values *= m
         # Decoupled GAE (VC-PPO): the policy's advantages with its own lambda, the critic's targets with lam_critic.
         lam = (1 - 1 / (cfg.lam_alpha * mask.sum(1).clamp(min=1))).clamp(0, 1) if cfg.lam_alpha > 0 else cfg.lam

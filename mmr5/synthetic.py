@@ -39,6 +39,10 @@ WIDTH = HEIGHT = 56  # px: 4x4 patches of 14 px, merged 2x2 into 4 LM tokens per
 CANDIDATES = 5
 QUERY_TEMPLATES = ("Which page shows a {}?", "Find the page with a {}.", "Which image contains a {}?")
 SIZES = dict(train=6000, eval=200)  # samples per split; every candidate is its own fresh render
+# The RL stage's prompts: one candidate more than SFT saw, all negatives near misses, 1-3 relevant pages. The full SFT
+# model scores rerank ~0.53 on them (5 candidates, hard: 0.95, no room; 7: its format breaks): bench/README.md.
+RL_CANDIDATES = 6
+RL_SIZES = dict(train=1500, eval=150)
 VOCAB = 768
 # RoPE base 1e4 (not the released 1e6): with a 32-wide head, 1e6 leaves almost no rotary frequencies that tell
 # neighbouring tokens apart, and the per-image checks below compare neighbours.
@@ -158,6 +162,16 @@ def tokenizer_corpus(samples: list[dict]) -> list[str]:
     return prompts * len(samples) + texts + [s["response"] for s in samples]
 
 
+def write_splits(rng: random.Random, pages_dir: Path, paths: dict, sizes: dict, candidates: int, hard: bool) -> dict:
+    """Render and write the train and eval JSONL files (pages under `pages_dir`); -> the samples by split."""
+    samples = {}
+    for split in ("train", "eval"):
+        samples[split] = [make_sample(rng, pages_dir, split, i, candidates, hard) for i in range(sizes[split])]
+        with open(paths[split], "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(s) + "\n" for s in samples[split])
+    return samples
+
+
 def build_demo(root="runs/demo", seed: int = 0, force: bool = False, sizes: dict | None = None) -> dict:
     """Build (once) the demo under `root` and return its paths: `base` (model dir), `train`, `eval` (JSONL).
 
@@ -174,12 +188,7 @@ def build_demo(root="runs/demo", seed: int = 0, force: bool = False, sizes: dict
     shutil.rmtree(root, ignore_errors=True)
     pages_dir = root / "data" / "pages"
     pages_dir.mkdir(parents=True)
-    rng = random.Random(seed)
-    samples = {}
-    for split in ("train", "eval"):
-        samples[split] = [make_sample(rng, pages_dir, split, i) for i in range(sizes[split])]
-        with open(paths[split], "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(s) + "\n" for s in samples[split])
+    samples = write_splits(random.Random(seed), pages_dir, paths, sizes, CANDIDATES, hard=False)
 
     tokenizer = train_tokenizer(tokenizer_corpus(samples["train"]), VOCAB)
     side = root / "tokenizer"
@@ -189,4 +198,23 @@ def build_demo(root="runs/demo", seed: int = 0, force: bool = False, sizes: dict
     Processor.from_pretrained(paths["base"])  # fails now, not in the trainer, if the files do not fit together
     manifest = {"seed": seed, "sizes": sizes, **{k: str(v.relative_to(root)) for k, v in paths.items()}}
     done.write_text(json.dumps(manifest, indent=2) + "\n")
+    return {k: str(v) for k, v in paths.items()}
+
+
+def build_rl_demo(root="runs/demo", seed: int = 0, force: bool = False, sizes: dict | None = None) -> dict:
+    """Build (once) the RL stage's prompts under `root`/rl and return their paths (`train`, `eval`).
+
+    The paper's RL data is harder than its SFT data, and the full SFT model is at the ceiling of its own task: here
+    each prompt has RL_CANDIDATES pages, every negative a near miss. Separate from `build_demo` (its own DONE file and
+    seed stream) so that an SFT demo built before it stays valid and byte-identical.
+    """
+    root = Path(root) / "rl"
+    sizes = {**RL_SIZES, **(sizes or {})}
+    paths = {"train": root / "train.jsonl", "eval": root / "eval.jsonl"}
+    done = root / "DONE"
+    if not done.exists() or force:
+        shutil.rmtree(root, ignore_errors=True)
+        (root / "pages").mkdir(parents=True)
+        write_splits(random.Random(f"rl-{seed}"), root / "pages", paths, sizes, RL_CANDIDATES, hard=True)
+        done.write_text(json.dumps({"seed": seed, "sizes": sizes, "candidates": RL_CANDIDATES}, indent=2) + "\n")
     return {k: str(v) for k, v in paths.items()}

@@ -4,6 +4,7 @@ Each test runs the scripts as a user does (`python train_sft.py`, `python train_
 nothing from an earlier run is reused, and reads the numbers the scripts themselves report (summary.json).
 """
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -25,45 +26,58 @@ def run(script: str, *flags: str, cwd: Path, limit_s: float) -> float:
     return took
 
 
-def test_sft_demo_learns_within_10_minutes(tmp_path):
+@pytest.fixture(scope="module")
+def newcomer(tmp_path_factory):
+    """The README's first command in a fresh folder: `python train_sft.py` -> (folder, wall seconds)."""
+    root = tmp_path_factory.mktemp("newcomer")
+    return root, run("train_sft.py", cwd=root, limit_s=600)
+
+
+def test_sft_demo_learns_within_10_minutes(newcomer):
     """`python train_sft.py` with no arguments lifts held-out Recall@1 from about chance to >= 0.8 in 10 min."""
-    took = run("train_sft.py", cwd=tmp_path, limit_s=600)
-    summary = json.loads((tmp_path / "runs/demo/sft/summary.json").read_text())
+    root, took = newcomer
+    summary = json.loads((root / "runs/demo/sft/summary.json").read_text())
     print(f"train_sft.py: {took:.0f} s, held-out R@1 {summary['eval_recall@1_before']:.3f} -> "
           f"{summary['eval_recall@1_after']:.3f}")
     assert 0.1 <= summary["eval_recall@1_before"] <= 0.4  # about chance (0.2: MMDocIR recall, 1-2 of 5 relevant)
     assert summary["eval_recall@1_after"] >= 0.8
     assert took < 600
-    model = tmp_path / "runs/demo/sft/model"
+    model = root / "runs/demo/sft/model"
     assert (model / "config.json").exists() and (model / "model.safetensors").exists()
 
 
-@pytest.fixture(scope="module")
-def undertrained(tmp_path_factory):
-    """A deliberately under-trained built-in SFT model (the demo's SFT stopped early), in a fresh folder."""
-    root = tmp_path_factory.mktemp("ppo_demo")
-    run("train_sft.py", "--steps", str(UNDERTRAINED_STEPS), "--eval-every", "0", cwd=root, limit_s=600)
-    return root
+def median_last(records: list[dict], key: str, n: int = 20) -> float:
+    values = [r[key] for r in records if r.get(key) is not None][-n:]
+    return statistics.median(values)
 
 
-UNDERTRAINED_STEPS = 150  # held-out R@1 0.51 (the full demo: 0.89); its samples vary, so RL has signal
-
-
-# What each setting of the demo gained, run by run: bench/README.md, "The PPO demo's settings".
+# What each setting of the demo gained, run by run: bench/README.md, "The RL stage".
 @pytest.mark.parametrize("advantage", ["gae", "grpo"])
-def test_ppo_demo_improves_within_15_minutes(undertrained, advantage, tmp_path):
-    """`python train_ppo.py` (PPO with a critic) from the under-trained SFT model raises held-out mean rerank reward
-    by >= 0.1 without lowering the format reward, in 15 minutes; with `--advantage grpo` it also improves."""
-    demo = tmp_path / "runs" / "demo"  # the built demo and SFT model, shared read-only; runs/demo/ppo is this test's
-    demo.mkdir(parents=True)
-    for name in ("DONE", "base", "data", "tokenizer", "sft"):
-        (demo / name).symlink_to(undertrained / "runs" / "demo" / name)
+def test_ppo_demo_improves_within_15_minutes(newcomer, advantage, tmp_path):
+    """Then `python train_ppo.py` (PPO with the critic), from the full SFT model on the RL stage's harder prompts:
+    held-out rerank reward +0.10 and Recall@1 +0.05, format not lower, in 15 minutes, with a critic that explains
+    the returns. `--advantage grpo` (the release's recipe) runs beside it in its own folder."""
+    root, _ = newcomer
+    if advantage == "grpo":  # the SFT stage shared read-only; runs/demo/ppo is this test's own
+        (tmp_path / "runs" / "demo").mkdir(parents=True)
+        for built in (root / "runs" / "demo").iterdir():
+            if built.name != "ppo":
+                (tmp_path / "runs" / "demo" / built.name).symlink_to(built)
+        root = tmp_path
     flags = ["--advantage", advantage] if advantage == "grpo" else []
-    took = run("train_ppo.py", *flags, cwd=tmp_path, limit_s=900)
+    took = run("train_ppo.py", *flags, cwd=root, limit_s=900)
+    demo = root / "runs" / "demo"
     summary = json.loads((demo / "ppo" / "summary.json").read_text())
     before, after = summary["eval_before"], summary["eval_after"]
+    records = [json.loads(line) for line in (demo / "ppo" / "metrics.jsonl").read_text().splitlines()]
     print(f"train_ppo.py --advantage {advantage}: {took:.0f} s, rerank {before['eval_rerank']:.3f} -> "
-          f"{after['eval_rerank']:.3f}, format {before['eval_format']:.3f} -> {after['eval_format']:.3f}")
-    assert after["eval_rerank"] - before["eval_rerank"] >= (0.1 if advantage == "gae" else 0.02)
+          f"{after['eval_rerank']:.3f}, R@1 {before['eval_recall@1']:.3f} -> {after['eval_recall@1']:.3f}, format "
+          f"{before['eval_format']:.3f} -> {after['eval_format']:.3f}")
+    assert after["eval_rerank"] - before["eval_rerank"] >= 0.1
+    assert after["eval_recall@1"] - before["eval_recall@1"] >= 0.05
     assert after["eval_format"] >= before["eval_format"]
     assert took < 900
+    if advantage == "gae":
+        ev, ev_last = median_last(records, "explained_variance"), median_last(records, "explained_variance_last")
+        print(f"critic: median explained variance over the last 20 steps {ev:.3f}, at the last token {ev_last:.3f}")
+        assert ev >= 0.3 and ev_last >= 0.6
