@@ -24,7 +24,8 @@ def run(advantage: str, seed: int, out: Path, steps: int | None, rerun: bool) ->
     if (out / "summary.json").exists() and not rerun:  # finished earlier: its metrics stand
         return evals_of(out)
     paths = build_rl_demo(REPO / "runs" / "demo")
-    flags = {**DEMO, "out": str(out), "seed": seed, "advantage": advantage, **({"steps": steps} if steps else {})}
+    flags = {**DEMO, "out": str(out), "seed": seed, "advantage": advantage, "eval_every": 10,
+             **({"steps": steps} if steps else {})}
     argv = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
     argv += ["--model", str(REPO / DEMO_SFT / "model"), "--train", paths["train"], "--eval", paths["eval"], "--no-resume"]
     done = subprocess.run([sys.executable, str(REPO / "train_ppo.py"), *argv], capture_output=True, text=True)

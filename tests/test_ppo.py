@@ -13,7 +13,7 @@ from conftest import page_images
 from mmr5.lora import add_lora
 from mmr5.model import Qwen2VL
 from mmr5.ppo import (AdaptiveKL, PPOConfig, ValueHead, encode_pages, explained_variance, gae, group_advantages,
-                      kl_estimate, last_token, make_experience, masked_mean, masked_whiten, policy_loss, ppo_update,
+                      kl_estimate, last_token, make_experience, masked_mean, masked_whiten, outcome, policy_loss, ppo_update,
                       response_forward, sequence_mean, value_loss)
 from mmr5.processor import Processor
 from mmr5.sampler import generate
@@ -167,6 +167,23 @@ def test_rewards_sit_on_the_last_token_and_kl_enters(rollout_setup):
     assert k1.abs().sum() > 0
     expected = (scores[:, None] - 0.5 * (k1.flip(1).cumsum(1).flip(1))) * m  # reward-to-go of -beta*k1 + score
     assert torch.allclose(exp.returns, expected, atol=1e-4)
+
+
+def test_group_score_baseline_and_value_start(rollout_setup):
+    """--score-baseline group: GAE's last-token reward is the score less its prompt's mean; start_at puts V there."""
+    model, path, batch, pages, rollout = rollout_setup
+    scores = torch.tensor([1.0, 0.0, 0.5, 0.2])
+    cfg = PPOConfig(gamma=1.0, lam=1.0, score_baseline="group")
+    model.value_head = ValueHead(64)
+    torch.nn.init.zeros_(model.value_head.linear.weight)
+    exp = make_experience(model, batch, pages, rollout, scores, 2, cfg, 0.0, reference=model)
+    assert torch.allclose(exp.returns, torch.tensor([0.5, -0.5, 0.15, -0.15])[:, None] * exp.mask.float())
+    assert torch.equal(outcome(scores, 2, PPOConfig()), scores)
+    head = ValueHead(64)
+    head.start_at(1.37)
+    v = head(torch.randn(3, 5, 64))
+    assert torch.allclose(v, torch.full_like(v, 1.37), atol=1e-3) and v.std() > 0  # at the mean, still not flat
+    assert head.linear.weight.abs().max() > 0
 
 
 def test_ppo_update_moves_toward_advantage_and_guards_nan(rollout_setup):

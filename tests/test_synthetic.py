@@ -10,7 +10,8 @@ from mmr5.data import read_samples
 from mmr5.model import Qwen2VL
 from mmr5.processor import Processor
 from mmr5.rewards import format_reward, parse_order, rerank_reward
-from mmr5.synthetic import CANDIDATES, COLOURS, HEIGHT, SHAPES, WIDTH, build_demo, make_response, render_page
+from mmr5.synthetic import (CANDIDATES, COLOURS, HEIGHT, RL_CANDIDATES, SHAPES, WIDTH, build_demo, build_rl_demo,
+                            make_response, render_page)
 
 SMALL = dict(sizes=dict(train=40, eval=12))
 
@@ -21,10 +22,10 @@ def demo(tmp_path_factory):
     return root, build_demo(root, seed=3, **SMALL)
 
 
-def digest(root: Path) -> str:
-    """Hash of every file's path and bytes under root."""
+def digest(root: Path, skip: str | None = None) -> str:
+    """Hash of every file's path and bytes under root (but not under root/skip)."""
     h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and not (skip and p.is_relative_to(root / skip))):
         h.update(str(f.relative_to(root)).encode() + f.read_bytes())
     return h.hexdigest()
 
@@ -64,6 +65,32 @@ def test_samples_are_valid_and_responses_answer_correctly(demo):
                 assert (f"Image {i}: {colour} yes, {shape} yes, so yes." in s.response) == (i in s.positives)
             assert f"Relevant: {', '.join(map(str, sorted(s.positives)))}.</think>" in s.response
         assert len({p for s in samples for p in s.images}) == n * CANDIDATES  # every candidate its own render
+
+
+def test_rl_demo_is_harder_and_leaves_the_sft_demo_alone(demo, tmp_path):
+    """The RL stage's prompts: RL_CANDIDATES pages, 1-3 relevant, every negative a near miss (one attribute shared);
+    built beside the SFT demo without changing a byte of it, deterministic, skipped once complete."""
+    root, _ = demo
+    before = digest(root)
+    small = dict(sizes=dict(train=30, eval=10))
+    paths = build_rl_demo(root, seed=3, **small)
+    build_rl_demo(tmp_path, seed=3, **small)
+    assert digest(root / "rl") == digest(tmp_path / "rl")
+    assert before == digest(root, skip="rl")
+    done = (root / "rl" / "DONE").stat().st_mtime_ns
+    assert build_rl_demo(root, seed=3, **small) == paths and (root / "rl" / "DONE").stat().st_mtime_ns == done
+    counts = set()
+    for split, n in (("train", 30), ("eval", 10)):
+        samples = read_samples(paths[split], require_response=True, max_candidates=RL_CANDIDATES)
+        assert len(samples) == n
+        for s in samples:
+            assert len(s.images) == RL_CANDIDATES and 1 <= len(s.positives) <= 3
+            counts.add(len(s.positives))
+            for i in range(1, RL_CANDIDATES + 1):
+                check = s.response.split(f"Image {i}: ")[1].split(".")[0]  # "<colour> yes|no, <shape> yes|no, so .."
+                shared = check.count(" yes,")
+                assert (shared == 2) == (i in s.positives) and shared >= 1  # a negative shares exactly one
+    assert counts == {1, 2, 3}
 
 
 def test_make_response_two_positives():
