@@ -85,12 +85,13 @@ class PPOConfig:
     micro_batch_size: int = setting(4, "rows per forward (gradient accumulation)")
     lr: float = setting(1e-5, "learning rate (the release: 1e-5 with LoRA r64)")
     critic_lr: float | None = setting(None, "learning rate of the value head (and of a separate critic model); "
-                                      "default 10x --lr: the zero-initialised head must reach the rewards' scale "
-                                      "within a few steps, or GAE's advantages are mostly the critic's error",
+                                      "default 10x --lr (VAPO: the critic faster than the actor; V starts at the "
+                                      "first rollout's mean return, so this only has to learn the differences)",
                                       type=float)
     critic_warmup: int = setting(10, "value pretraining: at most the first N steps train only the critic, on the "
                                  "starting policy's returns (VAPO: 50); it ends early once the critic's explained "
-                                 "variance on each new rollout, before it trains on it, stops rising")
+                                 "variance on each new rollout, before it trains on it, stops rising (the demo: "
+                                 "ends at step ~6 while still ~0; the critic starts explaining from step ~9)")
     critic_warmup_patience: int = setting(5, "value pretraining ends after this many steps without a new best "
                                           "explained variance")
     grad_clip: float = setting(1.0, "clip the gradient norm (0 = off)")
