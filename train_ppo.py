@@ -126,6 +126,21 @@ def step_record(run: Run, cfg: PPOConfig, scores, parts, exp, out, stats, kl_ctl
             "step_s": seconds[1]}
 
 
+def banner(run: Run, cfg: PPOConfig, policy, params: list, n_train: int) -> str:
+    kind = f"LoRA r{run.args.lora_rank}" if run.args.lora_rank else "full"
+    critic_kind = f" + {cfg.critic} critic" if cfg.advantage == "gae" else ""
+    return (f"policy {run.args.model}: {policy.num_parameters() / 1e6:.2f}M parameters, "
+            f"{sum(p.numel() for p in params) / 1e6:.2f}M trained ({kind}); {cfg.advantage}{critic_kind}; {n_train} "
+            f"train / {len(run.evals)} eval; {cfg.steps} steps x {cfg.prompts_per_step} prompts x {cfg.samples} samples")
+
+
+def start_critic(cfg: PPOConfig, head: ValueHead, scores, reduce):
+    """V starts at the first rollout's mean outcome (`ValueHead.start_at`), over every rank's rows."""
+    first = outcome(scores, cfg.samples, cfg)
+    first = first[first.isfinite()]  # a non-finite score is skipped by the update; it must not set V
+    head.start_at(reduce(float(first.sum())) / max(1.0, reduce(float(first.numel()))))
+
+
 def warmup_progress(run: Run, cfg: PPOConfig, ev: float | None):
     """Value pretraining ends once the critic's explained variance on fresh rollouts stops setting new bests (VAPO:
     trained longer it overfits)."""
@@ -157,12 +172,7 @@ def main(argv=None):
     policy, critic = models["policy"], models.get("critic")
     cfg.minibatch_size = max(1, cfg.minibatch_size // run.d.world)  # each rank's share of an optimizer step
     kl_ctl = AdaptiveKL(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
-    kind = f"LoRA r{args.lora_rank}" if args.lora_rank else "full"
-    critic_kind = f" + {cfg.critic} critic" if cfg.advantage == "gae" else ""
-    if not run.start(models, optimizer, cfg.steps, f"policy {args.model}: {policy.num_parameters() / 1e6:.2f}M "
-                     f"parameters, {sum(p.numel() for p in params) / 1e6:.2f}M trained ({kind}); {cfg.advantage}"
-                     f"{critic_kind}; {len(train)} train / {len(run.evals)} eval; {cfg.steps} steps x "
-                     f"{cfg.prompts_per_step} prompts x {cfg.samples} samples"):
+    if not run.start(models, optimizer, cfg.steps, banner(run, cfg, policy, params, len(train))):
         return
     kl_ctl.value = run.state.get("kl_coef", kl_ctl.value)
     reduce = lambda x: distributed.all_sum(x, run.d)  # noqa: E731
@@ -178,9 +188,7 @@ def main(argv=None):
         t_rollout = time.time() - t0
         scores, parts = score(out.texts, samples, cfg)
         if cfg.advantage == "gae" and run.step == 0:
-            first = outcome(scores, cfg.samples, cfg)
-            first = first[first.isfinite()]  # a non-finite score is skipped by the update; it must not set V
-            (critic or policy).value_head.start_at(reduce(float(first.sum())) / max(1.0, reduce(float(first.numel()))))
+            start_critic(cfg, (critic or policy).value_head, scores, reduce)
         with run.autocast:
             exp = make_experience(policy, batch, pages, out, scores, cfg.samples, cfg, kl_ctl.value, critic,
                                   reference, reduce)
