@@ -140,3 +140,17 @@ def test_report_renders_in_headless_chromium(tiny_model_dirs, eval_data, tmp_pat
     assert dom.stdout.count('class="query"') == 5  # every query made it into the rendered page
     assert "5 shown" in dom.stdout  # the filter script ran
     assert dom.stdout.count("<img") == 3 + 4 + 3 + 4 + 3
+
+
+def test_built_in_model_is_evaluated_on_its_own_stage(tmp_path, monkeypatch):
+    """No flags: the newest built-in model, the PPO one on the RL stage's held-out prompts, else SFT's on SFT's."""
+    import mmr5.synthetic
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(mmr5.synthetic, "build_demo", lambda: {"eval": "sft-eval.jsonl"})
+    monkeypatch.setattr(mmr5.synthetic, "build_rl_demo", lambda: {"eval": "rl-eval.jsonl"})
+    for stage, data in (("sft", "sft-eval.jsonl"), ("ppo", "rl-eval.jsonl")):
+        (tmp_path / "runs" / "demo" / stage / "model").mkdir(parents=True)
+        (tmp_path / "runs" / "demo" / stage / "model" / "config.json").write_text("{}")
+        args = evaluate.parse_args([])
+        assert (args.model, args.data) == (f"runs/demo/{stage}/model", data)
