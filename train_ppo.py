@@ -27,7 +27,7 @@ from mmr5.sampler import generate
 # The built-in demo (why these settings: bench/README.md, "The PPO demo's settings").
 DEMO = dict(out="runs/demo/ppo", steps=50, prompts_per_step=24, samples=4, lr=1e-4, max_new_tokens=128,
             eval_every=25, eval_max_new_tokens=128, save_every=5, minibatch_size=24, micro_batch_size=16,
-            critic="separate", critic_warmup=10, critic_warmup_patience=5, lam=1.0)
+            lam=1.0)
 DEMO_SFT = "runs/demo/sft"
 RUN_IDENTITY = ("model", "train", "prompts_per_step", "samples", "lora_rank", "lora_alpha", "lora_targets", "critic",
                 "advantage", "seed")
