@@ -304,8 +304,11 @@ def encode_pages(model: Qwen2VL, batch: dict) -> tuple[list, list]:
     return list(features.split([int(t.sum()) for t in tokens_per_row])), list(grid.split(per_row))
 
 
-def response_forward(model: Qwen2VL, exp: Experience, rows, logprobs=True, values=False, forward=None):
+def response_forward(model: Qwen2VL, exp: Experience, rows, logprobs=True, values=False, forward=None,
+                     entropy: str | None = None):
     """(log pi(a_t), entropy_t, V_t) for the response tokens of `rows`; None for what is not asked.
+    `entropy` is "grad" (a loss term), "detached" (logged only: no graph, no backward through a [rows, T, vocab]
+    product) or None.
 
     V comes from `model.value_head`. `forward` is the module to run (a DDP wrapper; the model itself by default).
     When one forward gives both log-probs and values (the value head on the policy's own trunk, `--critic shared`),
@@ -314,26 +317,38 @@ def response_forward(model: Qwen2VL, exp: Experience, rows, logprobs=True, value
     """
     device = model.device
     run = forward or model
-    L, T = exp.prompt_len, exp.mask.shape[1]
+    # Only the columns some row of `rows` uses: rollouts are padded to their longest prompt and longest response.
+    T_all = exp.mask.shape[1]
+    T = max(1, int(exp.mask[rows].sum(1).max()))
+    first = int(exp.prompt_mask[exp.group[rows]].any(0).int().argmax())
+    L = exp.prompt_len - first
     if model.model.gradient_checkpointing and model.training:  # checkpointed layers cannot fill a shared cache
         inputs = exp.inputs(rows)
-        hidden = run(**{k: v.to(device) if k != "image_grid_thw" else v for k, v in inputs.items()},
+        cols = slice(first, exp.prompt_len + T)
+        hidden = run(inputs["input_ids"][:, cols].to(device), inputs["attention_mask"][:, cols].to(device),
+                     image_features=inputs["image_features"].to(device), image_grid_thw=inputs["image_grid_thw"],
                      logits=False).hidden_states
         h = hidden[:, L - 1:L + T - 1]  # the states that predict response tokens 0..T-1
     else:
-        h = shared_prompt_states(model, run, exp, rows)
-    v = model.value_head(h.detach() if logprobs else h).float() if values else None
+        h = shared_prompt_states(model, run, exp, rows, first, T)
+    pad = lambda x: torch.nn.functional.pad(x, (0, T_all - T))  # noqa: E731 (zeros past every row's last token)
+    v = pad(model.value_head(h.detach() if logprobs else h).float()) if values else None
     if not logprobs:
         return None, None, v
     logits = model.lm_head(h).float()
     all_logp = logits.log_softmax(-1)
-    logp = all_logp.gather(-1, exp.tokens[rows].to(device)[..., None])[..., 0]
-    entropy = -(all_logp.exp() * all_logp).sum(-1)
-    return logp, entropy, v
+    logp = all_logp.gather(-1, exp.tokens[rows][:, :T].to(device)[..., None])[..., 0]
+    if entropy is None:
+        return pad(logp), None, v
+    with torch.set_grad_enabled(entropy == "grad" and torch.is_grad_enabled()):
+        p_logp = all_logp if entropy == "grad" else all_logp.detach()
+        ent = pad(-(p_logp.exp() * p_logp).sum(-1))
+    return pad(logp), ent, v
 
 
-def shared_prompt_states(model: Qwen2VL, run, exp: Experience, rows) -> torch.Tensor:
-    """The hidden states that predict response tokens 0..T-1 of `rows` [R, T, hidden], each prompt run once.
+def shared_prompt_states(model: Qwen2VL, run, exp: Experience, rows, first: int, T: int) -> torch.Tensor:
+    """The hidden states that predict response tokens 0..T-1 of `rows` [R, T, hidden], each prompt run once from
+    column `first` (the left padding no prompt of `rows` uses is skipped).
 
     A group's responses share their prompt (most of each sequence: ~300 of ~400 tokens in the demo), so the prompts
     of `rows` are run once each into a KV cache, and the responses then run on top of their prompt's keys and
@@ -341,9 +356,9 @@ def shared_prompt_states(model: Qwen2VL, run, exp: Experience, rows) -> torch.Te
     several times faster than repeating the prompt in every row (bench/README.md).
     """
     device = model.device
-    L, T = exp.prompt_len, exp.mask.shape[1]
+    L = exp.prompt_len - first
     prompts, local = exp.group[rows].unique(return_inverse=True)  # local: each row's prompt among `prompts`
-    ids, mask = exp.prompt_ids[prompts].to(device), exp.prompt_mask[prompts].to(device)
+    ids, mask = exp.prompt_ids[prompts, first:].to(device), exp.prompt_mask[prompts, first:].to(device)
     grid = torch.cat([exp.grids[p] for p in prompts.tolist()])
     features = torch.cat([exp.features[p] for p in prompts.tolist()]).to(device)
     positions, deltas = model.rope_positions(ids, mask, grid)
@@ -455,7 +470,8 @@ def ppo_update(policy: Qwen2VL, exp: Experience, optimizer: torch.optim.Optimize
             for i, rows in enumerate(micro):
                 m = exp.mask[rows].to(device).float()
                 logp, entropy, values = response_forward(policy, exp, rows, values=gae_mode and critic is None,
-                                                         forward=forwards.get("policy"))
+                                                         forward=forwards.get("policy"),
+                                                         entropy="grad" if cfg.entropy_coef else "detached")
                 loss = torch.zeros((), device=device)
                 if gae_mode:
                     if critic is not None:
@@ -470,7 +486,7 @@ def ppo_update(policy: Qwen2VL, exp: Experience, optimizer: torch.optim.Optimize
                                                                 exp.advantages[rows].to(device), m, cfg.clip,
                                                                 cfg.max_log_ratio, mean)
                     ent = mean(entropy, m)
-                    loss = loss + pg_loss - cfg.entropy_coef * ent
+                    loss = loss + pg_loss - (cfg.entropy_coef * ent if cfg.entropy_coef else 0)
                     if cfg.kl_in == "loss":
                         kl = mean(kl_estimate(logp, exp.ref_logp[rows].to(device), "k3", cfg.max_log_ratio), m)
                         loss = loss + kl_coef * kl

@@ -237,6 +237,27 @@ def test_shared_value_head_does_not_train_the_policy_trunk(rollout_setup):
     assert model.model.layers[-1].mlp.down_proj.weight.grad.abs().sum() > 0
 
 
+def test_forward_skips_the_padding_its_rows_do_not_use(rollout_setup):
+    """A forward over some rows runs only the columns they use (their prompts' left padding and responses' tail that
+    the rollout's longer rows needed): the same log-probs, entropies and values as over the whole rollout, zeros past
+    each row's end, on both the shared-prompt path and the checkpointed one."""
+    model, exp = fresh_model_with_value_head(rollout_setup)
+    assert exp.prompt_mask[1].sum() < exp.prompt_mask[0].sum()  # prompt 1 (rows 2, 3) is left padded
+    exp.mask[2, 5:] = 0
+    exp.mask[3, 3:] = 0  # rows 2 and 3 now end well before the rollout's last column
+    m = exp.mask.float()
+    for checkpointing in (False, True):
+        model.set_gradient_checkpointing(checkpointing)
+        model.train(checkpointing)
+        with torch.no_grad():
+            whole = response_forward(model, exp, torch.arange(4), values=True, entropy="detached")
+            part = response_forward(model, exp, torch.tensor([2, 3]), values=True, entropy="detached")
+        for a, b in zip(whole, part):
+            assert b.shape == (2, exp.mask.shape[1])
+            torch.testing.assert_close(a[2:] * m[2:], b * m[2:], atol=1e-5, rtol=1e-5)
+            assert torch.equal(b[:, 5:], torch.zeros_like(b[:, 5:]))
+
+
 def test_shared_prompt_forward_matches_one_row_per_response(rollout_setup):
     """Each prompt run once with its responses on its KV cache == the prompt repeated in every row (the path taken
     under gradient checkpointing): same log-probs, values and gradients, for rows of one or both groups."""
@@ -247,7 +268,7 @@ def test_shared_prompt_forward_matches_one_row_per_response(rollout_setup):
         for checkpointing in (False, True):
             model.set_gradient_checkpointing(checkpointing)
             model.train()
-            logp, entropy, values = response_forward(model, exp, rows, values=True)
+            logp, entropy, values = response_forward(model, exp, rows, values=True, entropy="grad")
             ((logp * m[rows]).sum() + (values * m[rows]).sum() + (entropy * m[rows]).sum()).backward()
             results.append((logp * m[rows], values * m[rows], {n: p.grad.clone() for n, p in model.named_parameters()
                                                                 if p.grad is not None}))
