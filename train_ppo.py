@@ -206,8 +206,7 @@ def main(argv=None):
             run.say(f"step {run.step}: {stats['skipped']} update(s) skipped: non-finite loss or gradient")
         bar.update(1)
         bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}", len=f"{record['response_length']:.0f}")
-        n_minibatches = cfg.epochs * -(-len(scores) // cfg.minibatch_size)
-        if not run.end_step(record, stats["skipped"] < n_minibatches, {"kl_coef": kl_ctl.value}):
+        if not run.end_step(record, stats["skipped"] < stats["minibatches"], {"kl_coef": kl_ctl.value}):
             break
     bar.close()
     run.finish("policy")  # the final model is the policy alone, not a separate critic
