@@ -81,8 +81,6 @@ class PPOConfig:
                                    "for gae)", choices=["sequence", "token"], type=str)
     # optimisation
     epochs: int = setting(2, "passes over each rollout (the release: 2)")
-    critic_epochs: int | None = setting(None, "passes of the critic over each rollout (default --epochs); the passes "
-                                        "past --epochs train the critic alone", type=int)
     minibatch_size: int = setting(8, "rollout rows per optimizer step")
     micro_batch_size: int = setting(4, "rows per forward (gradient accumulation)")
     lr: float = setting(1e-5, "learning rate (the release: 1e-5 with LoRA r64)")
@@ -99,9 +97,8 @@ class PPOConfig:
     grad_clip: float = setting(1.0, "clip the gradient norm (0 = off)")
 
     def __post_init__(self):
-        self.critic_epochs = self.critic_epochs if self.critic_epochs is not None else self.epochs
-        positive = ("steps", "prompts_per_step", "samples", "max_new_tokens", "epochs", "critic_epochs",
-                    "minibatch_size", "micro_batch_size")
+        positive = ("steps", "prompts_per_step", "samples", "max_new_tokens", "epochs", "minibatch_size",
+                    "micro_batch_size")
         bad = [name for name in positive if getattr(self, name) <= 0]
         if bad:
             raise ValueError(f"--{bad[0].replace('_', '-')} must be positive")
@@ -447,13 +444,12 @@ def ppo_update(policy: Qwen2VL, exp: Experience, optimizer: torch.optim.Optimize
                kl_coef: float, critic: Qwen2VL | None = None, value_only: bool = False,
                generator: torch.Generator | None = None, forwards: dict | None = None, reduce=None,
                world: int = 1) -> dict:
-    """`cfg.epochs` passes over the rollout in shuffled minibatches (`cfg.critic_epochs` for the critic); one
-    optimizer step per minibatch.
+    """`cfg.epochs` passes over the rollout in shuffled minibatches; one optimizer step per minibatch.
 
-    `value_only` trains just the critic (critic warm-up). A minibatch whose loss or gradient is not finite is
-    skipped (no step) and counted in `skipped`. Under torchrun each rank passes its share of the rollout, its
-    DDP/FSDP `forwards` ({"policy": ..., "critic": ...}), `reduce` (sum over ranks) and `world`: an optimizer step
-    then covers the union of every rank's minibatch, each term aggregated (`cfg.loss_agg`) over all of them: every
+    `value_only` trains just the critic (value pretraining; a separate critic then runs without the policy's
+    forward). A minibatch whose loss or gradient is not finite is skipped (no step) and counted in `skipped`.
+    Under torchrun each rank passes its share of the rollout, its DDP/FSDP `forwards` ({"policy": ..., "critic":
+    ...}), `reduce` (sum over ranks) and `world`: an optimizer step then covers the union of every rank's minibatch, each term aggregated (`cfg.loss_agg`) over all of them: every
     micro-batch's mean is weighted by its share of the global minibatch's tokens or responses.
     """
     reduce = reduce or (lambda x: x)
@@ -463,8 +459,7 @@ def ppo_update(policy: Qwen2VL, exp: Experience, optimizer: torch.optim.Optimize
     stats = {k: [] for k in ("loss", "policy_loss", "value_loss", "entropy", "clip_frac", "approx_kl", "kl_loss")}
     skipped = minibatches = 0
     device = policy.device
-    for epoch in range(max(cfg.epochs, cfg.critic_epochs) if gae_mode else cfg.epochs):
-        train_policy, train_critic = not value_only and epoch < cfg.epochs, gae_mode and epoch < cfg.critic_epochs
+    for _ in range(cfg.epochs):
         # Shuffled whole groups, so a micro-batch runs each prompt once for all of its responses.
         groups = torch.randperm(int(exp.group.max()) + 1, generator=generator).tolist()
         order = torch.cat([(exp.group == g).nonzero()[:, 0] for g in groups])
@@ -475,12 +470,12 @@ def ppo_update(policy: Qwen2VL, exp: Experience, optimizer: torch.optim.Optimize
             micro = chunks(minibatch, cfg.micro_batch_size)
             for i, rows in enumerate(micro):
                 m = exp.mask[rows].to(device).float()
-                if train_policy or critic is None:  # a separate critic trains alone without the policy's forward
+                if not value_only or critic is None:
                     logp, entropy, values = response_forward(policy, exp, rows, values=gae_mode and critic is None,
                                                              forward=forwards.get("policy"),
                                                              entropy="grad" if cfg.entropy_coef else "detached")
                 loss = torch.zeros((), device=device)
-                if train_critic:
+                if gae_mode:
                     if critic is not None:
                         values = response_forward(critic, exp, rows, logprobs=False, values=True,
                                                   forward=forwards.get("critic"))[2]
@@ -488,7 +483,7 @@ def ppo_update(policy: Qwen2VL, exp: Experience, optimizer: torch.optim.Optimize
                                         cfg.value_clip, mean)
                     loss = loss + cfg.vf_coef * v_loss
                     stats["value_loss"].append(v_loss.item())
-                if train_policy:
+                if not value_only:
                     pg_loss, clip_frac, approx_kl = policy_loss(logp, exp.old_logp[rows].to(device),
                                                                 exp.advantages[rows].to(device), m, cfg.clip,
                                                                 cfg.max_log_ratio, mean)
