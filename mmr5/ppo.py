@@ -51,8 +51,8 @@ class PPOConfig:
     # the estimator and its losses
     advantage: str = setting("gae", "PPO with a critic, or the release's GRPO", choices=["gae", "grpo"])
     critic: str = setting("separate", "a value head on a separate copy of the starting model (a trunk of its own "
-                          "that learns to read: median explained variance 0.31-0.49 at the last token in 4 demo runs), or on the "
-                          "policy's detached states (shared: about 0 there, but no second model in memory)",
+                          "that learns to read: median explained variance 0.31-0.49 at the last token in 4 demo "
+                          "runs), or on the policy's detached states (shared: about 0 there, but no second model in memory)",
                           choices=["shared", "separate"])
     score_baseline: str = setting("none", "gae: subtract from each score the mean score of its prompt's samples "
                                   "before GAE (group: the critic then predicts only how a response differs from its "
@@ -449,8 +449,9 @@ def ppo_update(policy: Qwen2VL, exp: Experience, optimizer: torch.optim.Optimize
     `value_only` trains just the critic (value pretraining; a separate critic then runs without the policy's
     forward). A minibatch whose loss or gradient is not finite is skipped (no step) and counted in `skipped`.
     Under torchrun each rank passes its share of the rollout, its DDP/FSDP `forwards` ({"policy": ..., "critic":
-    ...}), `reduce` (sum over ranks) and `world`: an optimizer step then covers the union of every rank's minibatch, each term aggregated (`cfg.loss_agg`) over all of them: every
-    micro-batch's mean is weighted by its share of the global minibatch's tokens or responses.
+    ...}), `reduce` (sum over ranks) and `world`: an optimizer step then covers the union of every rank's
+    minibatch, each term aggregated (`cfg.loss_agg`) over all of them: every micro-batch's mean is weighted by its
+    share of the global minibatch's tokens or responses.
     """
     reduce = reduce or (lambda x: x)
     forwards = forwards or {}
