@@ -52,7 +52,8 @@ class PPOConfig:
     advantage: str = setting("gae", "PPO with a critic, or the release's GRPO", choices=["gae", "grpo"])
     critic: str = setting("separate", "a value head on a separate copy of the starting model (a trunk of its own "
                           "that learns to read: median explained variance 0.31-0.49 at the last token in 4 demo "
-                          "runs), or on the policy's detached states (shared: about 0 there, but no second model in memory)",
+                          "runs), or on the policy's detached states (shared: about 0 there, but no second model in "
+                          "memory)",
                           choices=["shared", "separate"])
     score_baseline: str = setting("none", "gae: subtract from each score the mean score of its prompt's samples "
                                   "before GAE (group: the critic then predicts only how a response differs from its "
