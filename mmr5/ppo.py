@@ -441,6 +441,55 @@ def make_experience(policy: Qwen2VL, prompt_batch: dict, pages: tuple[list, list
     return exp
 
 
+def micro_batch_loss(policy: Qwen2VL, exp: Experience, rows, cfg: PPOConfig, kl_coef: float, stats: dict,
+                     critic: Qwen2VL | None = None, value_only: bool = False, forwards: dict | None = None):
+    """The objective of the module docstring on one micro-batch, each term a `cfg.loss_agg` mean over its rows
+    (appended to `stats`). `value_only` leaves the policy's terms out."""
+    forwards = forwards or {}
+    device = policy.device
+    mean = AGGREGATIONS[cfg.loss_agg][0]
+    m = exp.mask[rows].to(device).float()
+    gae_mode = cfg.advantage == "gae"
+    if not value_only or critic is None:  # a separate critic pretrains without the policy's forward
+        logp, entropy, values = response_forward(policy, exp, rows, values=gae_mode and critic is None,
+                                                 forward=forwards.get("policy"),
+                                                 entropy="grad" if cfg.entropy_coef else "detached")
+    loss = torch.zeros((), device=device)
+    if gae_mode:
+        if critic is not None:
+            values = response_forward(critic, exp, rows, logprobs=False, values=True,
+                                      forward=forwards.get("critic"))[2]
+        v_loss = value_loss(values, exp.old_values[rows].to(device), exp.returns[rows].to(device), m,
+                            cfg.value_clip, mean)
+        loss = loss + cfg.vf_coef * v_loss
+        stats["value_loss"].append(v_loss.item())
+    if not value_only:
+        pg_loss, clip_frac, approx_kl = policy_loss(logp, exp.old_logp[rows].to(device),
+                                                    exp.advantages[rows].to(device), m, cfg.clip,
+                                                    cfg.max_log_ratio, mean)
+        ent = mean(entropy, m)
+        loss = loss + pg_loss - cfg.entropy_coef * ent
+        if cfg.kl_in == "loss":
+            kl = mean(kl_estimate(logp, exp.ref_logp[rows].to(device), "k3", cfg.max_log_ratio), m)
+            loss = loss + kl_coef * kl
+            stats["kl_loss"].append(kl.item())
+        stats["policy_loss"].append(pg_loss.item())
+        stats["entropy"].append(ent.item())
+        stats["clip_frac"].append(clip_frac.item())
+        stats["approx_kl"].append(approx_kl.item())
+    return loss
+
+
+def backward(loss: torch.Tensor, forwards: dict, sync: bool):
+    """loss.backward(); unless `sync`, DDP's gradient all-reduce is held back (one per optimizer step, on its last
+    micro-batch)."""
+    with contextlib.ExitStack() as stack:
+        for name in ("policy", "critic"):
+            if not sync and hasattr(forwards.get(name), "no_sync"):
+                stack.enter_context(forwards[name].no_sync())
+        loss.backward()
+
+
 def ppo_update(policy: Qwen2VL, exp: Experience, optimizer: torch.optim.Optimizer, params: list, cfg: PPOConfig,
                kl_coef: float, critic: Qwen2VL | None = None, value_only: bool = False,
                generator: torch.Generator | None = None, forwards: dict | None = None, reduce=None,
@@ -456,11 +505,9 @@ def ppo_update(policy: Qwen2VL, exp: Experience, optimizer: torch.optim.Optimize
     """
     reduce = reduce or (lambda x: x)
     forwards = forwards or {}
-    gae_mode = cfg.advantage == "gae"
-    mean, count = AGGREGATIONS[cfg.loss_agg]
+    count = AGGREGATIONS[cfg.loss_agg][1]
     stats = {k: [] for k in ("loss", "policy_loss", "value_loss", "entropy", "clip_frac", "approx_kl", "kl_loss")}
     skipped = minibatches = 0
-    device = policy.device
     for _ in range(cfg.epochs):
         # Shuffled whole groups, so a micro-batch runs each prompt once for all of its responses.
         groups = torch.randperm(int(exp.group.max()) + 1, generator=generator).tolist()
@@ -471,47 +518,14 @@ def ppo_update(policy: Qwen2VL, exp: Experience, optimizer: torch.optim.Optimize
             finite, total = True, 0.0
             micro = chunks(minibatch, cfg.micro_batch_size)
             for i, rows in enumerate(micro):
-                m = exp.mask[rows].to(device).float()
-                if not value_only or critic is None:
-                    logp, entropy, values = response_forward(policy, exp, rows, values=gae_mode and critic is None,
-                                                             forward=forwards.get("policy"),
-                                                             entropy="grad" if cfg.entropy_coef else "detached")
-                loss = torch.zeros((), device=device)
-                if gae_mode:
-                    if critic is not None:
-                        values = response_forward(critic, exp, rows, logprobs=False, values=True,
-                                                  forward=forwards.get("critic"))[2]
-                    v_loss = value_loss(values, exp.old_values[rows].to(device), exp.returns[rows].to(device), m,
-                                        cfg.value_clip, mean)
-                    loss = loss + cfg.vf_coef * v_loss
-                    stats["value_loss"].append(v_loss.item())
-                if not value_only:
-                    pg_loss, clip_frac, approx_kl = policy_loss(logp, exp.old_logp[rows].to(device),
-                                                                exp.advantages[rows].to(device), m, cfg.clip,
-                                                                cfg.max_log_ratio, mean)
-                    ent = mean(entropy, m)
-                    loss = loss + pg_loss - (cfg.entropy_coef * ent if cfg.entropy_coef else 0)
-                    if cfg.kl_in == "loss":
-                        kl = mean(kl_estimate(logp, exp.ref_logp[rows].to(device), "k3", cfg.max_log_ratio), m)
-                        loss = loss + kl_coef * kl
-                        stats["kl_loss"].append(kl.item())
-                    stats["policy_loss"].append(pg_loss.item())
-                    stats["entropy"].append(ent.item())
-                    stats["clip_frac"].append(clip_frac.item())
-                    stats["approx_kl"].append(approx_kl.item())
+                loss = micro_batch_loss(policy, exp, rows, cfg, kl_coef, stats, critic, value_only, forwards)
                 if reduce(float(not torch.isfinite(loss))) > 0:  # every rank skips together
                     finite = False
                     break
                 # This micro-batch's share of the global minibatch; DDP/FSDP average gradients over ranks: * world.
-                weight = count(m) / n_units * world
-                last = i == len(micro) - 1
-                syncs = [forwards[k].no_sync() for k in ("policy", "critic")
-                         if not last and hasattr(forwards.get(k), "no_sync")]
-                with contextlib.ExitStack() as stack:
-                    for ctx in syncs:
-                        stack.enter_context(ctx)
-                    (loss * weight).backward()
-                total += (loss * weight).item()
+                weighted = loss * (count(exp.mask[rows].to(loss.device).float()) / n_units * world)
+                backward(weighted, forwards, sync=i == len(micro) - 1)
+                total += weighted.item()
             if finite:  # the whole objective of this optimizer step (every rank agrees on `finite`)
                 stats["loss"].append(reduce(total) / world)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
