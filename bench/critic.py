@@ -7,11 +7,16 @@ function to the Monte-Carlo returns (GAE with lam = 1; no KL term: the policy is
 then prints, after every pass over the training rollouts, the explained variance on held-out rollouts (over all
 response tokens, and at the first one, where only the prompt is known) and the score variance within prompt groups.
 A critic with EV <= 0 gives GAE nothing a constant would not. Default: the built-in demo's SFT model.
+`--online N` instead feeds a separate critic N fresh rollouts once each, as train_ppo.py's value pretraining does
+(EV on each before it trains on it, then `--epochs` passes with the value clip): the learning curve against a policy
+that does not move. `--critic-vision` lets that critic train a vision tower of its own (it encodes the pages itself).
 Usage: python bench/critic.py [--model DIR --train JSONL] [--critics head separate] [--rollouts 6]
+       python bench/critic.py --model runs/demo/sft/model --train runs/demo/rl/train.jsonl --online 40
 """
 import argparse
 import copy
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -22,7 +27,7 @@ from common import setup_threads
 from mmr5.data import read_samples
 from mmr5.model import Qwen2VL
 from mmr5.ppo import (PPOConfig, ValueHead, encode_pages, explained_variance, last_token, make_experience,
-                      masked_mean, response_forward)
+                      masked_mean, response_forward, value_loss)
 from mmr5.processor import Processor
 from mmr5.rewards import fused_reward
 from mmr5.sampler import generate
@@ -42,6 +47,7 @@ def rollouts(policy, processor, train, count, prompts, n, max_new_tokens, rng, s
             scores = torch.tensor([fused_reward(t, samples[r // n].positives, len(samples[r // n].images))["reward"]
                                    for r, t in enumerate(rollout.texts)])
             out.append(make_experience(policy, batch, pages, rollout, scores, n, cfg, 0.0))
+            out[-1].batch = batch  # for a critic that encodes the pages itself
     return out
 
 
@@ -84,6 +90,40 @@ def fit(name, model, params, lr, passes, train_exps, test_exps, minibatch=48, mi
               f"{ev_all:+.3f}, first token {ev_first:+.3f}, last token {ev_last:+.3f}", flush=True)
 
 
+def online(model, lr, exps, epochs, clip, vision, minibatch=24, micro=16):
+    """Each rollout once: EV before training on it, then `epochs` passes of clipped value loss (train_ppo's
+    value pretraining without the policy moving). -> [(EV all tokens, EV last token)] per rollout."""
+    model.value_head.start_at(exps[0].returns[exps[0].mask.bool()].mean().item())  # as train_ppo's first step
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    evs, t0 = [], time.time()
+    for k, e in enumerate(exps):
+        model.eval()
+        with torch.no_grad():
+            if vision:
+                e.features = encode_pages(model, e.batch)[0]
+            old = torch.cat([response_forward(model, e, rows, logprobs=False, values=True)[2]
+                             for rows in torch.arange(len(e.scores)).split(micro)])
+        m = e.mask.float()
+        evs.append((explained_variance(old, e.returns, m), explained_variance(old, e.returns, last_token(m).float())))
+        model.train()
+        for _ in range(epochs):
+            for rows in torch.randperm(len(e.scores)).split(minibatch):
+                tokens = e.mask[rows].sum()
+                for sub in rows.split(micro):
+                    if vision:  # the critic's own tower, with gradients (encode_pages is no_grad)
+                        e.features = encode_pages.__wrapped__(model, e.batch)[0]
+                    v = response_forward(model, e, sub, logprobs=False, values=True)[2]
+                    ms = e.mask[sub].float()
+                    (value_loss(v, old[sub], e.returns[sub], ms, clip) * ms.sum() / tokens).backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        print(f"online lr {lr:g}{' +vision' if vision else ''}  rollout {k + 1}  ({time.time() - t0:4.0f} s)  EV "
+              f"before training on it: all tokens {evs[-1][0]:+.3f}, last token {evs[-1][1]:+.3f}", flush=True)
+    return evs
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="runs/demo/sft/model", help="the policy (default: the demo's SFT model)")
@@ -96,6 +136,11 @@ def main():
     p.add_argument("--samples", type=int, default=4, help="responses per prompt")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--passes", type=int, default=4, help="passes over the training rollouts")
+    p.add_argument("--online", type=int, default=0, help="if > 0: this many fresh rollouts, each seen once by a "
+                   "separate critic at --separate-lr (EV before training on each), instead of the passes above")
+    p.add_argument("--epochs", type=int, default=2, help="--online: passes over each rollout (train_ppo's --epochs)")
+    p.add_argument("--value-clip", type=float, default=0.2, help="--online: train_ppo's --value-clip")
+    p.add_argument("--critic-vision", action="store_true", help="--online: the critic trains its own vision tower")
     args = p.parse_args()
     if not Path(args.model, "config.json").exists():
         sys.exit(f"error: no model at {args.model} (run `python train_sft.py` for the demo's, or pass --model)")
@@ -107,6 +152,18 @@ def main():
     train = read_samples(args.train)
     rng = random.Random(0)
     t0 = time.time()
+    if args.online:
+        exps = rollouts(policy, processor, train, args.online, args.prompts, args.samples, args.max_new_tokens, rng,
+                        100)
+        print(f"{args.online} rollouts in {time.time() - t0:.0f} s")
+        model = copy.deepcopy(policy)
+        model.value_head = ValueHead(policy.config.text.hidden_size)
+        model.visual.requires_grad_(args.critic_vision)
+        evs = online(model, args.separate_lr, exps, args.epochs, args.value_clip, args.critic_vision)
+        last = evs[-20:]
+        print(f"median over the last {len(last)} rollouts: EV all tokens {statistics.median(a for a, _ in last):+.3f}, "
+              f"last token {statistics.median(b for _, b in last):+.3f}")
+        return
     train_exps = rollouts(policy, processor, train, args.rollouts, args.prompts, args.samples, args.max_new_tokens,
                           rng, 100)
     test_exps = rollouts(policy, processor, train, 2, args.prompts, args.samples, args.max_new_tokens, rng, 900)

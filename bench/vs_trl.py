@@ -63,10 +63,9 @@ def mmr5_steps(args, queue):
         t0 = time.perf_counter()
         batch = processor.rerank_inputs([s.query for s in part], [s.images for s in part])
         policy.eval()
-        pages = encode_pages(policy, batch)
-        batch["image_features"] = torch.cat(pages[0])
+        pages = encode_pages(policy, batch)  # once per rollout, shared by every forward over it (as train_ppo.py)
         rollout = generate(policy, processor, batch, args.max_new_tokens, n=args.samples,
-                           generator=torch.Generator().manual_seed(step))
+                           generator=torch.Generator().manual_seed(step), image_features=torch.cat(pages[0]))
         t1 = time.perf_counter()
         scores = torch.tensor([fused_reward(text, part[i // args.samples].positives,
                                             len(part[i // args.samples].images))["reward"]
