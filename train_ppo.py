@@ -8,6 +8,7 @@ mmr5.ppo.ppo_update), log. A run in --out resumes from its last checkpoint; Ctrl
 """
 import argparse
 import copy
+import statistics
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from mmr5.ppo import (AdaptiveKL, PPOConfig, ValueHead, encode_pages, explained_
                       make_experience, outcome, ppo_update)
 from mmr5.rewards import fused_reward
 from mmr5.run import Run, add_config_flags, add_run_flags, config_from_args, parse_run_args
+from mmr5.runlog import read_metrics
 from mmr5.sampler import generate
 
 # The built-in demo (why these settings: bench/README.md, "The PPO demo's settings").
@@ -155,6 +157,24 @@ def warmup_progress(run: Run, cfg: PPOConfig, ev: float | None):
         run.say(f"value pretraining over after {run.step} steps (best explained variance {best})")
 
 
+def critic_summary(out_dir: Path, last: int = 20) -> dict:
+    """The critic's median explained variance over the run's last `last` logged steps, over all response tokens and
+    at the last token: one figure each for whether it learned (1 predicts every return, 0 no better than a constant)."""
+    records = read_metrics(Path(out_dir) / "metrics.jsonl")
+    medians = {}
+    for key in ("explained_variance", "explained_variance_last"):
+        values = [r[key] for r in records if r.get(key) is not None][-last:]
+        medians[key] = statistics.median(values) if values else None
+    return medians
+
+
+def print_critic(critic: dict):
+    show = {k: "n/a" if v is None else f"{v:.3f}" for k, v in critic.items()}
+    print(f"critic: median explained variance over the last 20 steps {show['explained_variance']} over all response "
+          f"tokens, {show['explained_variance_last']} at the last token (1: it predicts every return; 0: no better "
+          f"than a constant)")
+
+
 def main(argv=None):
     args, cfg, demo = parse_args(argv)
     run = Run(args, "train_ppo.py", RUN_IDENTITY, CURVES)
@@ -209,7 +229,14 @@ def main(argv=None):
         if not run.end_step(record, stats["skipped"] < stats["minibatches"], {"kl_coef": kl_ctl.value}):
             break
     bar.close()
-    run.finish("policy")  # the final model is the policy alone, not a separate critic
+    critic_figures = {}  # filled when the finished run writes summary.json (PPO with a critic only)
+
+    def summary(before, after):
+        critic_figures.update(critic_summary(run.out))
+        return {"eval_before": before, "eval_after": after, "critic_last_20_steps": critic_figures}
+    run.finish("policy", summary if cfg.advantage == "gae" else None)  # the policy alone, not a separate critic
+    if critic_figures:
+        print_critic(critic_figures)
 
 
 if __name__ == "__main__":

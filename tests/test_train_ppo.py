@@ -1,6 +1,7 @@
 """train_ppo.py as a user runs it: both estimators end to end, resume = uninterrupted run, clear errors."""
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -55,12 +56,30 @@ def test_runs_end_to_end(tiny_model_dirs, ppo_data, tmp_path, extra):
         assert all("value_loss" in r for r in steps)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval_before"] and summary["eval_after"]
+    if "gae" in extra:  # the critic's medians over the last 20 logged steps (all 4 here), as metrics.jsonl has them
+        for key in ("explained_variance", "explained_variance_last"):
+            logged = [r[key] for r in steps if r.get(key) is not None]
+            got = summary["critic_last_20_steps"][key]
+            assert got is None if not logged else got == pytest.approx(statistics.median(logged))
+    else:
+        assert "critic_last_20_steps" not in summary
     assert (out / "model" / "config.json").exists() and (out / "curve.png").exists()
     # The vision tower is frozen: the saved one is the base's to the bit (also when a LoRA base sat in bf16)
     vision = lambda path: {k.split("visual.")[1]: v for k, v in load_file(path).items() if "visual." in k}  # noqa: E731
     base, saved = vision(tiny_model_dirs["qwen2_5_vl"] / "model.safetensors"), vision(out / "model/model.safetensors")
     assert base.keys() == saved.keys() and all(torch.equal(saved[k], v.to(saved[k].dtype)) for k, v in base.items())
     assert {v.dtype for v in saved.values()} == {torch.bfloat16 if "bfloat16" in extra else torch.float32}
+
+
+def test_critic_summary_is_the_median_of_the_last_20_logged_values(tmp_path):
+    records = [{"step": i, "explained_variance": float(i), "explained_variance_last": None if i % 2 else -float(i)}
+               for i in range(1, 31)] + [{"step": 30, "eval_rerank": 0.5}]  # an evaluation record: no critic figures
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    medians = train_ppo.critic_summary(tmp_path)
+    assert medians["explained_variance"] == statistics.median(range(11, 31))  # steps 11..30
+    assert medians["explained_variance_last"] == statistics.median([-i for i in range(2, 31, 2)][-20:])  # nulls skipped
+    assert train_ppo.critic_summary(tmp_path / "nowhere") == {"explained_variance": None,
+                                                              "explained_variance_last": None}
 
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_model_dirs, ppo_data, tmp_path, monkeypatch):
