@@ -168,11 +168,20 @@ def critic_summary(out_dir: Path, last: int = 20) -> dict:
     return medians
 
 
-def print_critic(critic: dict):
-    show = {k: "n/a" if v is None else f"{v:.3f}" for k, v in critic.items()}
-    print(f"critic: median explained variance over the last 20 steps {show['explained_variance']} over all response "
-          f"tokens, {show['explained_variance_last']} at the last token (1: it predicts every return; 0: no better "
-          f"than a constant)")
+def finish(run: Run, cfg: PPOConfig):
+    """Evaluate and save the final policy (not a separate critic); with a critic, its medians go into summary.json
+    and are printed last."""
+    critic = {}  # filled only when the finished run writes summary.json
+
+    def summary(before, after):
+        critic.update(critic_summary(run.out))
+        return {"eval_before": before, "eval_after": after, "critic_last_20_steps": critic}
+    run.finish("policy", summary if cfg.advantage == "gae" else None)
+    if critic:
+        show = {k: "n/a" if v is None else f"{v:.3f}" for k, v in critic.items()}
+        print(f"critic: median explained variance over the last 20 steps {show['explained_variance']} over all "
+              f"response tokens, {show['explained_variance_last']} at the last token (1: it predicts every return; "
+              f"0: no better than a constant)")
 
 
 def main(argv=None):
@@ -229,14 +238,7 @@ def main(argv=None):
         if not run.end_step(record, stats["skipped"] < stats["minibatches"], {"kl_coef": kl_ctl.value}):
             break
     bar.close()
-    critic_figures = {}  # filled when the finished run writes summary.json (PPO with a critic only)
-
-    def summary(before, after):
-        critic_figures.update(critic_summary(run.out))
-        return {"eval_before": before, "eval_after": after, "critic_last_20_steps": critic_figures}
-    run.finish("policy", summary if cfg.advantage == "gae" else None)  # the policy alone, not a separate critic
-    if critic_figures:
-        print_critic(critic_figures)
+    finish(run, cfg)
 
 
 if __name__ == "__main__":
