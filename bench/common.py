@@ -98,6 +98,8 @@ def timeit_interleaved(fns: dict, repeat: int = 3, warmup: int = 1) -> dict:
         for name, fn in fns.items():
             t0 = time.perf_counter()
             fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
 
