@@ -356,5 +356,5 @@ class Qwen2VL(nn.Module):
                 elif p.dim() == 1:
                     p.fill_(1.0)
                 else:
-                    p.copy_(torch.randn(p.shape, generator=gen) * std)  # drawn on the CPU: the same weights on any device
+                    p.copy_(torch.randn(p.shape, generator=gen, device="cpu") * std)  # drawn on the CPU: the same weights on any device
         return model
