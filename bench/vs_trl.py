@@ -12,6 +12,8 @@ process is a warm-up and is not counted. SFT: `--sft-batch` samples of the demo'
 TRL, transformers, accelerate and datasets are bench-only (requirements-bench.txt); no CPU torchvision wheel is
 reachable here, so TRL's Qwen2.5-VL processor is assembled from its parts (the PIL image processor, the tokenizer,
 the checkpoint's chat template) as from_pretrained would, without a video processor.
+Named vs_trl.py, not trl.py: Python puts a script's folder first on sys.path, so a bench/trl.py would shadow the
+`trl` package it imports. tests/test_vs_trl.py runs both sides on a tiny model.
 Usage: python bench/vs_trl.py [--model runs/demo/sft/model --train runs/demo/data/train.jsonl] [--repeat 2]
 """
 import argparse
