@@ -355,6 +355,6 @@ class Qwen2VL(nn.Module):
                     p.zero_()
                 elif p.dim() == 1:
                     p.fill_(1.0)
-                else:
-                    p.copy_(torch.randn(p.shape, generator=gen, device="cpu") * std)  # drawn on the CPU: the same weights on any device
+                else:  # drawn on the CPU: the same weights on any device
+                    p.copy_(torch.randn(p.shape, generator=gen, device="cpu") * std)
         return model

@@ -13,10 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_both_sides_run_the_same_grpo_and_sft_work(tiny_model_dirs, tmp_path):
-    rows = []
-    for i in range(4):
-        rows.append({"query": f"item {i}", "images": save_pages(tmp_path, i, page_images(3, seed=i)),
-                     "positives": [i % 3 + 1], "response": "<think>Image 1 is best.</think><answer>[1, 2, 3]</answer>"})
+    rows = [{"query": f"item {i}", "images": save_pages(tmp_path, i, page_images(3, seed=i)), "positives": [i % 3 + 1],
+             "response": "<think>Image 1 is best.</think><answer>[1, 2, 3]</answer>"} for i in range(4)]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     done = subprocess.run([sys.executable, "bench/vs_trl.py", "--model", str(tiny_model_dirs["qwen2_5_vl"]),
                            "--train", str(tmp_path / "train.jsonl"), "--prompts", "2", "--samples", "2",
