@@ -10,12 +10,19 @@ A critic with EV <= 0 gives GAE nothing a constant would not. Default: the built
 `--online N` instead feeds a separate critic N fresh rollouts once each, as train_ppo.py's value pretraining does
 (EV on each before it trains on it, then `--epochs` passes with the value clip): the learning curve against a policy
 that does not move. `--critic-vision` lets that critic train a vision tower of its own (it encodes the pages itself).
+`--reader-steps N` first fine-tunes that critic on the chains of `--train` (N steps of 16 samples, vision frozen), so
+it reads the pages better than the policy. With `--online`, the critic also writes its own response to every
+prompt (greedy), and the last token's return is fitted (on the first half of the rollouts) to the score each response
+would get if the pages the critic wrote are relevant ("Relevant: ..." in the demo's chains) were the truth: what its
+written reading predicts, next to what its value head learned.
 Usage: python bench/critic.py [--model DIR --train JSONL] [--critics head separate] [--rollouts 6]
        python bench/critic.py --model runs/demo/sft/model --train runs/demo/rl/train.jsonl --online 40
+       ... --online 40 --reader-steps 150 --eval runs/demo/rl/eval.jsonl
 """
 import argparse
 import copy
 import random
+import re
 import statistics
 import sys
 import time
@@ -31,6 +38,7 @@ from mmr5.ppo import (PPOConfig, ValueHead, encode_pages, explained_variance, la
 from mmr5.processor import Processor
 from mmr5.rewards import fused_reward
 from mmr5.sampler import generate
+from mmr5.sft import sft_batch, sft_loss
 
 
 def rollouts(policy, processor, train, count, prompts, n, max_new_tokens, rng, seed):
@@ -48,6 +56,7 @@ def rollouts(policy, processor, train, count, prompts, n, max_new_tokens, rng, s
                                    for r, t in enumerate(rollout.texts)])
             out.append(make_experience(policy, batch, pages, rollout, scores, n, cfg, 0.0))
             out[-1].batch = batch  # for a critic that encodes the pages itself
+            out[-1].texts = rollout.texts
     return out
 
 
@@ -88,6 +97,67 @@ def fit(name, model, params, lr, passes, train_exps, test_exps, minibatch=48, mi
         ev_all, ev_first, ev_last = evaluate(model, test_exps)
         print(f"{name:<9} lr {lr:g}  pass {p + 1}  ({time.time() - t0:4.0f} s)  held-out EV: all tokens "
               f"{ev_all:+.3f}, first token {ev_first:+.3f}, last token {ev_last:+.3f}", flush=True)
+
+
+def written_relevant(text: str) -> set[int]:
+    """The pages a response calls relevant in the demo's chains ("... Relevant: 3, 6.</think>")."""
+    m = re.search(r"Relevant: ([\d, ]+)", text)
+    return {int(k) for k in re.findall(r"\d+", m.group(1))} if m else set()
+
+
+def chunks(xs, size):
+    return [xs[i:i + size] for i in range(0, len(xs), size)]
+
+
+def learn_to_read(model, processor, train, steps, lr=5e-4, batch=16, micro=8):
+    """Supervised fine-tuning of the critic on the chains of `train` (the pages it must judge are the policy's)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    rng, t0 = random.Random(1), time.time()
+    model.train()
+    for _ in range(steps):
+        parts = [sft_batch(processor, s) for s in chunks(rng.sample(train, batch), micro)]
+        tokens = sum(int(b["labels_mask"][:, 1:].sum()) for b in parts)
+        for b in parts:
+            (sft_loss(model, b)[0] / tokens).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    print(f"critic fine-tuned on {steps} x {batch} chains in {time.time() - t0:.0f} s")
+    model.eval()
+
+
+def page_reading(model, processor, samples, max_new_tokens) -> float:
+    """Fraction of pages whose relevance the model's own greedy response gets right."""
+    right = 0
+    for part in chunks(samples, 25):
+        batch = processor.rerank_inputs([s.query for s in part], [s.images for s in part])
+        with torch.no_grad():
+            texts = generate(model, processor, batch, max_new_tokens, temperature=0.0).texts
+        right += sum((k in written_relevant(t)) == (k in s.positives)
+                     for t, s in zip(texts, part) for k in range(1, len(s.images) + 1))
+    return right / sum(len(s.images) for s in samples)
+
+
+def written_reading_fit(model, processor, exps, max_new_tokens) -> float:
+    """EV at the last token, on the second half of `exps`, of a linear fit (on the first half) of the return to the
+    score each response would get if the pages the critic writes are relevant were the truth."""
+    xs, ys = [], []
+    for e in exps:
+        batch = dict(e.batch, pixel_values=None)
+        with torch.no_grad():
+            read = [written_relevant(t) for t in generate(model, processor, batch, max_new_tokens, temperature=0.0,
+                                                          image_features=torch.cat(e.features)).texts]
+        last = last_token(e.mask.float()).bool()
+        for r, text in enumerate(e.texts):
+            p = int(e.group[r])
+            xs.append(fused_reward(text, sorted(read[p]) or [0], len(e.grids[p]))["reward"])
+            ys.append(float(e.returns[r][last[r]]))
+    x, y = torch.tensor(xs, dtype=torch.float64), torch.tensor(ys, dtype=torch.float64)
+    h = len(exps) // 2 * len(exps[0].scores)
+    a = torch.stack([torch.ones_like(x), x], 1)
+    w = torch.linalg.lstsq(a[:h], y[:h, None]).solution[:, 0]
+    return float(1 - (y[h:] - a[h:] @ w).var() / y[h:].var())
 
 
 def online(model, lr, exps, epochs, clip, vision, minibatch=24, micro=16):
@@ -141,6 +211,10 @@ def main():
     p.add_argument("--epochs", type=int, default=2, help="--online: passes over each rollout (train_ppo's --epochs)")
     p.add_argument("--value-clip", type=float, default=0.2, help="--online: train_ppo's --value-clip")
     p.add_argument("--critic-vision", action="store_true", help="--online: the critic trains its own vision tower")
+    p.add_argument("--reader-steps", type=int, default=0, help="--online: first fine-tune the critic on --train's "
+                   "chains for this many steps of 16 samples")
+    p.add_argument("--eval", help="--online: held-out JSONL on which to report the policy's and the critic's page "
+                   "reading (their own greedy responses)")
     args = p.parse_args()
     if not Path(args.model, "config.json").exists():
         sys.exit(f"error: no model at {args.model} (run `python train_sft.py` for the demo's, or pass --model)")
@@ -158,6 +232,18 @@ def main():
         print(f"{args.online} rollouts in {time.time() - t0:.0f} s")
         model = copy.deepcopy(policy)
         model.value_head = ValueHead(policy.config.text.hidden_size)
+        model.visual.requires_grad_(False)
+        if args.reader_steps:
+            if any(s.response is None for s in train):
+                sys.exit(f"error: --reader-steps needs chains: {args.train} has samples without a `response`")
+            learn_to_read(model, processor, train, args.reader_steps)
+        if args.eval:
+            held = read_samples(args.eval)
+            print(f"page reading on {args.eval} (greedy, own response): policy "
+                  f"{page_reading(policy, processor, held, args.max_new_tokens):.3f}, critic "
+                  f"{page_reading(model, processor, held, args.max_new_tokens):.3f}")
+        print(f"what the critic's written reading predicts (EV at the last token, fit on the first half of the "
+              f"rollouts): {written_reading_fit(model, processor, exps, args.max_new_tokens):+.3f}", flush=True)
         model.visual.requires_grad_(args.critic_vision)
         evs = online(model, args.separate_lr, exps, args.epochs, args.value_clip, args.critic_vision)
         last = evs[-20:]
