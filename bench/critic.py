@@ -33,7 +33,7 @@ from common import setup_threads
 
 from mmr5.data import read_samples
 from mmr5.model import Qwen2VL
-from mmr5.ppo import (PPOConfig, ValueHead, encode_pages, explained_variance, last_token, make_experience,
+from mmr5.ppo import (PPOConfig, ValueHead, chunks, encode_pages, explained_variance, last_token, make_experience,
                       masked_mean, response_forward, value_loss)
 from mmr5.processor import Processor
 from mmr5.rewards import fused_reward
@@ -103,10 +103,6 @@ def written_relevant(text: str) -> set[int]:
     """The pages a response calls relevant in the demo's chains ("... Relevant: 3, 6.</think>")."""
     m = re.search(r"Relevant: ([\d, ]+)", text)
     return {int(k) for k in re.findall(r"\d+", m.group(1))} if m else set()
-
-
-def chunks(xs, size):
-    return [xs[i:i + size] for i in range(0, len(xs), size)]
 
 
 def learn_to_read(model, processor, train, steps, lr=5e-4, batch=16, micro=8):
