@@ -185,8 +185,9 @@ def online(model, lr, exps, epochs, clip, vision, minibatch=24, micro=16):
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+        shown = ["n/a (equal returns)" if ev is None else f"{ev:+.3f}" for ev in evs[-1]]
         print(f"online lr {lr:g}{' +vision' if vision else ''}  rollout {k + 1}  ({time.time() - t0:4.0f} s)  EV "
-              f"before training on it: all tokens {evs[-1][0]:+.3f}, last token {evs[-1][1]:+.3f}", flush=True)
+              f"before training on it: all tokens {shown[0]}, last token {shown[1]}", flush=True)
     return evs
 
 
@@ -243,8 +244,9 @@ def main():
         model.visual.requires_grad_(args.critic_vision)
         evs = online(model, args.separate_lr, exps, args.epochs, args.value_clip, args.critic_vision)
         last = evs[-20:]
-        print(f"median over the last {len(last)} rollouts: EV all tokens {statistics.median(a for a, _ in last):+.3f}, "
-              f"last token {statistics.median(b for _, b in last):+.3f}")
+        medians = [statistics.median(v) if (v := [ev[i] for ev in last if ev[i] is not None]) else None for i in (0, 1)]
+        shown = ["n/a (equal returns)" if ev is None else f"{ev:+.3f}" for ev in medians]
+        print(f"median over the last {len(last)} rollouts: EV all tokens {shown[0]}, last token {shown[1]}")
         return
     train_exps = rollouts(policy, processor, train, args.rollouts, args.prompts, args.samples, args.max_new_tokens,
                           rng, 100)
