@@ -20,7 +20,7 @@ from tqdm import tqdm
 from mmr5 import distributed
 from mmr5.data import sample_order
 from mmr5.ppo import (AdaptiveKL, PPOConfig, ValueHead, encode_pages, explained_variance, last_token,
-                      make_experience, outcome, ppo_update)
+                      make_experience, outcome, ppo_update, replay_critic)
 from mmr5.rewards import fused_reward
 from mmr5.run import Run, add_config_flags, add_run_flags, config_from_args, parse_run_args
 from mmr5.runlog import read_metrics
@@ -207,6 +207,7 @@ def main(argv=None):
     reduce = lambda x: distributed.all_sum(x, run.d)  # noqa: E731
     # FSDP forwards are collectives: every rank must decode as long as the longest one.
     keep_going = (lambda local: reduce(float(local)) > 0) if args.fsdp and run.d.world > 1 else None
+    replay = []  # the last --critic-replay rollouts' experience, for the critic's extra passes
     bar = tqdm(total=cfg.steps, initial=run.step, desc="ppo", unit="step", dynamic_ncols=True, disable=not run.main)
     while run.step < cfg.steps:
         t0 = time.time()
@@ -223,9 +224,13 @@ def main(argv=None):
                                   reference, reduce)
             for m in models.values():
                 m.train()
+            generator = torch.Generator().manual_seed(args.seed * 7919 + run.step * 1009 + run.d.rank)
             stats = ppo_update(policy, exp, optimizer, params, cfg, kl_ctl.value, critic, value_only=warming,
-                               generator=torch.Generator().manual_seed(args.seed * 7919 + run.step * 1009 + run.d.rank),
-                               forwards=forwards, reduce=reduce, world=run.d.world)
+                               generator=generator, forwards=forwards, reduce=reduce, world=run.d.world)
+            if cfg.advantage == "gae" and cfg.critic_replay:
+                stats.update(replay_critic(policy, replay, optimizer, params, cfg, critic, generator, forwards,
+                                           reduce, run.d.world))
+                replay = (replay + [exp])[-cfg.critic_replay:]
         run.step += 1
         record = step_record(run, cfg, scores, parts, exp, out, stats, kl_ctl, (t_rollout, time.time() - t0))
         if warming:

@@ -4,7 +4,9 @@ Runs `train_ppo.py` with the built-in demo's settings from the full built-in SFT
 (`mmr5.synthetic.build_rl_demo`), once per advantage and seed, at equal samples (same steps, prompts and samples per
 step), each in its own folder under --out. Then prints held-out rerank reward, Recall@1 and format reward at every
 evaluation, against the step and the wall-clock seconds the run had spent in training steps by then, and the mean
-over seeds. Needs `python train_sft.py` first. Usage: python bench/ppo_vs_grpo.py [--seeds 0 1 2] [--steps 60]
+over seeds, and each PPO run's critic (median explained variance over its last 20 steps). `gae-replay` is PPO with
+`--critic-replay 3`. Needs `python train_sft.py` first.
+Usage: python bench/ppo_vs_grpo.py [--seeds 0 1 2] [--steps 60] [--advantages gae grpo gae-replay]
 """
 import argparse
 import json
@@ -19,18 +21,23 @@ from mmr5.synthetic import build_rl_demo  # noqa: E402
 from train_ppo import DEMO, DEMO_SFT  # noqa: E402
 
 
-def run(advantage: str, seed: int, out: Path, steps: int | None, rerun: bool) -> list[dict]:
+# each setting compared: train_ppo.py flags on top of the demo's
+SETTINGS = {"gae": {"advantage": "gae"}, "grpo": {"advantage": "grpo"},
+            "gae-replay": {"advantage": "gae", "critic_replay": 3}}
+
+
+def run(setting: str, seed: int, out: Path, steps: int | None, rerun: bool) -> list[dict]:
     """One demo run; -> its evaluation records, each with `seconds` spent in training steps up to it."""
     if (out / "summary.json").exists() and not rerun:  # finished earlier: its metrics stand
         return evals_of(out)
     paths = build_rl_demo(REPO / "runs" / "demo")
-    flags = {**DEMO, "out": str(out), "seed": seed, "advantage": advantage, "eval_every": 10,
+    flags = {**DEMO, "out": str(out), "seed": seed, **SETTINGS[setting], "eval_every": 10,
              **({"steps": steps} if steps else {})}
     argv = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
     argv += ["--model", str(REPO / DEMO_SFT / "model"), "--train", paths["train"], "--eval", paths["eval"], "--no-resume"]
     done = subprocess.run([sys.executable, str(REPO / "train_ppo.py"), *argv], capture_output=True, text=True)
     if done.returncode:
-        sys.exit(f"train_ppo.py --advantage {advantage} --seed {seed} failed:\n{done.stderr[-3000:]}")
+        sys.exit(f"train_ppo.py ({setting}) --seed {seed} failed:\n{done.stderr[-3000:]}")
     return evals_of(out)
 
 
@@ -47,7 +54,8 @@ def evals_of(out: Path) -> list[dict]:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (sampling, data order)")
-    p.add_argument("--advantages", nargs="+", default=["gae", "grpo"], choices=["gae", "grpo"])
+    p.add_argument("--advantages", nargs="+", default=["gae", "grpo"], choices=list(SETTINGS),
+                   help="settings to run (gae-replay: PPO with --critic-replay 3)")
     p.add_argument("--steps", type=int, default=None, help="steps per run (default: the demo's)")
     p.add_argument("--out", default="runs/bench_ppo_vs_grpo", help="one folder per run under this")
     p.add_argument("--rerun", action="store_true", help="rerun finished runs (default: reuse their metrics)")
@@ -59,9 +67,12 @@ def main():
         for advantage in args.advantages:
             evals = run(advantage, seed, Path(args.out) / f"{advantage}_seed{seed}", args.steps, args.rerun)
             results[advantage, seed] = evals
+            summary = json.loads((Path(args.out) / f"{advantage}_seed{seed}" / "summary.json").read_text())
+            critic = summary.get("critic_last_20_steps")
             print(f"{advantage} seed {seed}: " + ", ".join(
                 f"step {e['step']} ({e['seconds']:.0f} s) rerank {e['eval_rerank']:.3f} R@1 {e['eval_recall@1']:.3f} "
-                f"format {e['eval_format']:.3f}" for e in evals), flush=True)
+                f"format {e['eval_format']:.3f}" for e in evals)
+                + (f"; critic, median of the last 20 steps: {critic}" if critic else ""), flush=True)
     print("\nmean over seeds: held-out rerank / Recall@1 / format at each evaluation (seconds in training steps)")
     for advantage in args.advantages:
         runs = [results[advantage, s] for s in args.seeds]
@@ -69,7 +80,7 @@ def main():
             mean = {k: statistics.mean(r[i][k] for r in runs) for k in ("eval_rerank", "eval_recall@1", "eval_format",
                                                                          "seconds")}
             spread = statistics.pstdev(r[i]["eval_rerank"] for r in runs)
-            print(f"{advantage:<5} step {e['step']:>3} ({mean['seconds']:4.0f} s): rerank {mean['eval_rerank']:.3f} "
+            print(f"{advantage:<10} step {e['step']:>3} ({mean['seconds']:4.0f} s): rerank {mean['eval_rerank']:.3f} "
                   f"(+-{spread:.3f}), R@1 {mean['eval_recall@1']:.3f}, format {mean['eval_format']:.3f}")
 
 

@@ -20,7 +20,7 @@ Every forward over a rollout runs each prompt once and its group's responses on 
 (`shared_prompt_states`): the prompt is most of each sequence, and minibatches are whole groups.
 """
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -95,6 +95,11 @@ class PPOConfig:
                                  "ends at step ~6 while still ~0; the critic starts explaining from step ~9)")
     critic_warmup_patience: int = setting(5, "value pretraining ends after this many steps without a new best "
                                           "explained variance")
+    critic_replay: int = setting(0, "after each update the critic also takes one value-only pass over each of the "
+                                 "last N earlier rollouts (their returns, its values refreshed first; kept in memory, "
+                                 "not in checkpoints), as PPG's auxiliary phase does. The demo with 3 (3 seeds): "
+                                 "critic 0.21 / 0.35 median explained variance (all / last token) instead of 0.14 / "
+                                 "0.26, held-out rerank +0.05, each step 1.6x as long")
     grad_clip: float = setting(1.0, "clip the gradient norm (0 = off)")
 
     def __post_init__(self):
@@ -106,6 +111,8 @@ class PPOConfig:
         self.critic_lr = self.critic_lr if self.critic_lr is not None else 10 * self.lr
         if self.lr <= 0 or self.critic_lr <= 0 or self.temperature < 0 or self.kl_coef < 0 or self.clip <= 0:
             raise ValueError("--lr, --critic-lr and --clip must be positive, --temperature and --kl-coef non-negative")
+        if self.critic_replay < 0:
+            raise ValueError("--critic-replay must be >= 0")
         if self.advantage == "grpo" and self.samples < 2:
             raise ValueError("--advantage grpo compares samples of one prompt: --samples must be >= 2")
         self.kl_in = self.kl_in or ("reward" if self.advantage == "gae" else "loss")
@@ -537,3 +544,25 @@ def ppo_update(policy: Qwen2VL, exp: Experience, optimizer: torch.optim.Optimize
     out = {k: sum(v) / len(v) for k, v in stats.items() if v}
     out["skipped"], out["minibatches"] = skipped, minibatches
     return out
+
+
+def replay_critic(policy: Qwen2VL, buffer: list, optimizer: torch.optim.Optimizer, params: list, cfg: PPOConfig,
+                  critic: Qwen2VL | None = None, generator: torch.Generator | None = None,
+                  forwards: dict | None = None, reduce=None, world: int = 1) -> dict:
+    """`--critic-replay`: one value-only pass over each earlier rollout in `buffer` (oldest first). Its returns are
+    the Monte-Carlo ones it was sampled with (lam_critic 1); its old values are refreshed first, so the value clip
+    bounds each step around what the critic predicts now, not what it predicted then."""
+    model = critic or policy
+    one_pass = replace(cfg, epochs=1)
+    losses = []
+    for exp in buffer:
+        model.eval()
+        with torch.no_grad():
+            exp.old_values = torch.cat([response_forward(model, exp, rows, logprobs=False, values=True)[2].cpu()
+                                        for rows in chunks(torch.arange(len(exp.group)), cfg.micro_batch_size)])
+            exp.old_values *= exp.mask
+        model.train()
+        stats = ppo_update(policy, exp, optimizer, params, one_pass, 0.0, critic, value_only=True,
+                           generator=generator, forwards=forwards, reduce=reduce, world=world)
+        losses.append(stats["value_loss"])
+    return {"replay_value_loss": sum(losses) / len(losses)} if losses else {}

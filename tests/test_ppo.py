@@ -14,7 +14,7 @@ from mmr5.lora import add_lora
 from mmr5.model import Qwen2VL
 from mmr5.ppo import (AdaptiveKL, PPOConfig, ValueHead, encode_pages, explained_variance, gae, group_advantages,
                       kl_estimate, last_token, make_experience, masked_mean, masked_whiten, outcome, policy_loss, ppo_update,
-                      response_forward, sequence_mean, value_loss)
+                      replay_critic, response_forward, sequence_mean, value_loss)
 from mmr5.processor import Processor
 from mmr5.sampler import generate
 from mmr5.weights import canonical_key
@@ -255,6 +255,41 @@ def test_value_pretraining_runs_no_policy_forward_with_a_separate_critic(rollout
     assert stats["minibatches"] == 4 and "policy_loss" not in stats and not calls
     assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters())
     assert not torch.equal(critic.model.layers[0].mlp.down_proj.weight, before["model.layers.0.mlp.down_proj.weight"])
+
+
+def test_critic_replay_trains_the_critic_on_earlier_rollouts(rollout_setup):
+    """--critic-replay: value-only passes over earlier rollouts move the critic toward their returns, clipped around
+    what it predicts now (values refreshed before each rollout's pass); the policy is neither run nor moved."""
+    _, path, batch, pages, rollout = rollout_setup
+    torch.manual_seed(0)
+    policy, critic = Qwen2VL.from_pretrained(path), Qwen2VL.from_pretrained(path)
+    critic.value_head = ValueHead(64)
+    params = [p for m in (policy, critic) for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    cfg = PPOConfig(epochs=3, minibatch_size=2, micro_batch_size=1, critic_replay=2)
+    exps = [make_experience(policy, batch, pages, rollout, torch.tensor(s), 2, cfg, 0.0, critic=critic,
+                            reference=policy) for s in ([1.0, 0.0, 0.5, 0.2], [0.0, 1.0, 0.2, 0.5])]
+    stale = [e.old_values.clone() for e in exps]
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    calls = []
+    policy.register_forward_hook(lambda *_: calls.append(1))
+    stats = replay_critic(policy, exps, opt, params, cfg, critic, torch.Generator().manual_seed(0))
+    assert math.isfinite(stats["replay_value_loss"]) and not calls
+    assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters())
+    assert torch.allclose(exps[0].old_values, stale[0], atol=1e-6)  # refreshed before the critic moved
+    assert not torch.allclose(exps[1].old_values, stale[1], atol=1e-4)  # refreshed after the pass over exps[0]
+
+    def error(exp):
+        with torch.no_grad():
+            v = response_forward(critic, exp, torch.arange(4), logprobs=False, values=True)[2]
+        return float(((v - exp.returns) ** 2 * exp.mask).sum())
+    start = error(exps[0])
+    for _ in range(10):
+        replay_critic(policy, exps[:1], opt, params, cfg, critic)
+    assert error(exps[0]) < 0.2 * start
+    assert replay_critic(policy, [], opt, params, cfg, critic) == {}
+    with pytest.raises(ValueError, match="critic-replay"):
+        PPOConfig(critic_replay=-1)
 
 
 def test_forward_skips_the_padding_its_rows_do_not_use(rollout_setup):

@@ -41,7 +41,7 @@ def metrics(out):
 @pytest.mark.parametrize("extra", [["--advantage", "gae", "--w-think", "1"],
                                    ["--advantage", "grpo", "--save-dtype", "bfloat16"],
                                    ["--advantage", "gae", "--critic", "separate", "--lora-rank", "4",
-                                    "--target-kl", "0.1", "--critic-warmup", "1"],
+                                    "--target-kl", "0.1", "--critic-warmup", "1", "--critic-replay", "2"],
                                    # a GPU recipe's settings (bf16 autocast is the CUDA default), here on the CPU
                                    ["--advantage", "gae", "--bf16", "on", "--lora-rank", "4", "--grad-checkpointing"]])
 def test_runs_end_to_end(tiny_model_dirs, ppo_data, tmp_path, extra):
@@ -54,6 +54,8 @@ def test_runs_end_to_end(tiny_model_dirs, ppo_data, tmp_path, extra):
     assert all(r["skipped"] == 0 and math.isfinite(r["kl"]) for r in steps)
     if "gae" in extra:
         assert all("value_loss" in r for r in steps)
+        replayed = [("replay_value_loss" in r) for r in steps]  # from step 2 on: step 1 has no earlier rollout
+        assert replayed == ([False, True, True, True] if "--critic-replay" in extra else [False] * 4)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval_before"] and summary["eval_after"]
     if "gae" in extra:  # the critic's medians over the last 20 logged steps (all 4 here), as metrics.jsonl has them
@@ -112,7 +114,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model_dirs, ppo_data, tmp_
 
 def test_bad_flags_are_one_line_errors(tiny_model_dirs, ppo_data, tmp_path):
     model = tiny_model_dirs["qwen2_5_vl"]
-    for extra in (["--lr", "-1"], ["--samples", "0"], ["--advantage", "grpo", "--samples", "1"],
+    for extra in (["--lr", "-1"], ["--samples", "0"], ["--critic-replay", "-1"], ["--advantage", "grpo", "--samples", "1"],
                   ["--min-pixels", "5000", "--max-pixels", "100"]):
         r = subprocess.run([sys.executable, "train_ppo.py", "--model", str(model), "--train",
                             str(ppo_data / "train.jsonl"), "--out", str(tmp_path / "x"), *extra],
