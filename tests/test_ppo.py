@@ -237,14 +237,19 @@ def test_shared_value_head_does_not_train_the_policy_trunk(rollout_setup):
     assert model.model.layers[-1].mlp.down_proj.weight.grad.abs().sum() > 0
 
 
-def test_value_pretraining_runs_no_policy_forward_with_a_separate_critic(rollout_setup):
-    """value_only with a separate critic: the critic trains, the policy is neither run nor moved."""
-    _, path, batch, pages, rollout = rollout_setup
+def policy_and_critic(path, lr: float):
+    """A fresh policy, a separate critic with a value head, and one AdamW over both (seeded)."""
     torch.manual_seed(0)
     policy, critic = Qwen2VL.from_pretrained(path), Qwen2VL.from_pretrained(path)
     critic.value_head = ValueHead(64)
     params = [p for m in (policy, critic) for p in m.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3)
+    return policy, critic, params, torch.optim.AdamW(params, lr=lr)
+
+
+def test_value_pretraining_runs_no_policy_forward_with_a_separate_critic(rollout_setup):
+    """value_only with a separate critic: the critic trains, the policy is neither run nor moved."""
+    _, path, batch, pages, rollout = rollout_setup
+    policy, critic, params, opt = policy_and_critic(path, lr=1e-3)
     cfg = PPOConfig(epochs=2, minibatch_size=2, micro_batch_size=2)
     exp = make_experience(policy, batch, pages, rollout, torch.tensor([1.0, 0.0, 0.5, 0.2]), 2, cfg, 0.0,
                           critic=critic, reference=policy)
@@ -261,11 +266,7 @@ def test_critic_replay_trains_the_critic_on_earlier_rollouts(rollout_setup):
     """--critic-replay: value-only passes over earlier rollouts move the critic toward their returns, clipped around
     what it predicts now (values refreshed before each rollout's pass); the policy is neither run nor moved."""
     _, path, batch, pages, rollout = rollout_setup
-    torch.manual_seed(0)
-    policy, critic = Qwen2VL.from_pretrained(path), Qwen2VL.from_pretrained(path)
-    critic.value_head = ValueHead(64)
-    params = [p for m in (policy, critic) for p in m.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=3e-3)
+    policy, critic, params, opt = policy_and_critic(path, lr=3e-3)
     cfg = PPOConfig(epochs=3, minibatch_size=2, micro_batch_size=1, critic_replay=2)
     exps = [make_experience(policy, batch, pages, rollout, torch.tensor(s), 2, cfg, 0.0, critic=critic,
                             reference=policy) for s in ([1.0, 0.0, 0.5, 0.2], [0.0, 1.0, 0.2, 0.5])]
