@@ -105,6 +105,10 @@ def written_relevant(text: str) -> set[int]:
     return {int(k) for k in re.findall(r"\d+", m.group(1))} if m else set()
 
 
+def show_ev(ev: float | None) -> str:
+    return "n/a (equal returns)" if ev is None else f"{ev:+.3f}"
+
+
 def learn_to_read(model, processor, train, steps, lr=5e-4, batch=16, micro=8):
     """Supervised fine-tuning of the critic on the chains of `train` (the pages it must judge are the policy's)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -185,9 +189,8 @@ def online(model, lr, exps, epochs, clip, vision, minibatch=24, micro=16):
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-        shown = ["n/a (equal returns)" if ev is None else f"{ev:+.3f}" for ev in evs[-1]]
         print(f"online lr {lr:g}{' +vision' if vision else ''}  rollout {k + 1}  ({time.time() - t0:4.0f} s)  EV "
-              f"before training on it: all tokens {shown[0]}, last token {shown[1]}", flush=True)
+              f"before training on it: all tokens {show_ev(evs[-1][0])}, last token {show_ev(evs[-1][1])}", flush=True)
     return evs
 
 
@@ -244,9 +247,10 @@ def main():
         model.visual.requires_grad_(args.critic_vision)
         evs = online(model, args.separate_lr, exps, args.epochs, args.value_clip, args.critic_vision)
         last = evs[-20:]
-        medians = [statistics.median(v) if (v := [ev[i] for ev in last if ev[i] is not None]) else None for i in (0, 1)]
-        shown = ["n/a (equal returns)" if ev is None else f"{ev:+.3f}" for ev in medians]
-        print(f"median over the last {len(last)} rollouts: EV all tokens {shown[0]}, last token {shown[1]}")
+        all_tokens, last_tokens = ([ev[i] for ev in last if ev[i] is not None] for i in (0, 1))
+        median = lambda v: statistics.median(v) if v else None  # noqa: E731
+        print(f"median over the last {len(last)} rollouts: EV all tokens {show_ev(median(all_tokens))}, last token "
+              f"{show_ev(median(last_tokens))}")
         return
     train_exps = rollouts(policy, processor, train, args.rollouts, args.prompts, args.samples, args.max_new_tokens,
                           rng, 100)

@@ -114,8 +114,8 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model_dirs, ppo_data, tmp_
 
 def test_bad_flags_are_one_line_errors(tiny_model_dirs, ppo_data, tmp_path):
     model = tiny_model_dirs["qwen2_5_vl"]
-    for extra in (["--lr", "-1"], ["--samples", "0"], ["--critic-replay", "-1"], ["--advantage", "grpo", "--samples", "1"],
-                  ["--min-pixels", "5000", "--max-pixels", "100"]):
+    for extra in (["--lr", "-1"], ["--samples", "0"], ["--critic-replay", "-1"],
+                  ["--advantage", "grpo", "--samples", "1"], ["--min-pixels", "5000", "--max-pixels", "100"]):
         r = subprocess.run([sys.executable, "train_ppo.py", "--model", str(model), "--train",
                             str(ppo_data / "train.jsonl"), "--out", str(tmp_path / "x"), *extra],
                            cwd=ROOT, capture_output=True, text=True)
