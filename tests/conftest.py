@@ -5,6 +5,8 @@ import os
 import pytest
 import torch
 
+import mmr5.run
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 VOCAB = 320
@@ -96,6 +98,28 @@ def page_images(count, seed=0, sizes=((56, 84), (70, 42), (98, 98), (28, 140))):
 
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 256, (*sizes[i % len(sizes)], 3), dtype=np.uint8)) for i in range(count)]
+
+
+def interrupt_at_step(monkeypatch, script, step: int):
+    """Make `script`'s next run stop as on Ctrl-C during step `step` (its `sample_order` is called once a step);
+    -> the real `sample_order`, to put back before the run resumes."""
+    flags, calls = [], {"n": 0}
+    real = script.sample_order
+
+    class Stop(mmr5.run.StopFlag):
+        def __init__(self):
+            super().__init__()
+            flags.append(self)
+
+    def order_then_stop(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == step:
+            flags[-1].requested = True
+        return real(*a, **k)
+
+    monkeypatch.setattr(mmr5.run, "StopFlag", Stop)
+    monkeypatch.setattr(script, "sample_order", order_then_stop)
+    return real
 
 
 def save_pages(folder, index, images):

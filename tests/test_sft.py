@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import page_images, save_pages
+from conftest import interrupt_at_step, page_images, save_pages
 
-import mmr5.run
 import train_sft
 from mmr5.data import read_samples
 from mmr5.model import Qwen2VL
@@ -80,23 +79,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model_dirs, sft_data, tmp_
     model = tiny_model_dirs["qwen2_5_vl"]
     run(common_args(model, sft_data, tmp_path / "full"))
     # The same run, stopped (as by Ctrl-C) after step 3, then started again: it resumes and must match exactly.
-    calls = {"n": 0}
-    real_order = train_sft.sample_order
-    flags = []
-
-    class Stop(mmr5.run.StopFlag):
-        def __init__(self):
-            super().__init__()
-            flags.append(self)
-
-    def order_then_stop(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            flags[-1].requested = True
-        return real_order(*a, **k)
-
-    monkeypatch.setattr(mmr5.run, "StopFlag", Stop)
-    monkeypatch.setattr(train_sft, "sample_order", order_then_stop)
+    real_order = interrupt_at_step(monkeypatch, train_sft, 3)
     run(common_args(model, sft_data, tmp_path / "resumed"))
     assert (tmp_path / "resumed" / "checkpoints" / "step-000003").exists()
     assert not (tmp_path / "resumed" / "model").exists()

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from conftest import page_images, save_pages
+from conftest import interrupt_at_step, page_images, save_pages
 
-import mmr5.run
 import train_ppo
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,22 +86,7 @@ def test_critic_summary_is_the_median_of_the_last_20_logged_values(tmp_path):
 def test_resume_reproduces_the_uninterrupted_run(tiny_model_dirs, ppo_data, tmp_path, monkeypatch):
     model = tiny_model_dirs["qwen2_vl"]
     train_ppo.main(args(model, ppo_data, tmp_path / "full"))
-    flags, calls = [], {"n": 0}
-    real = train_ppo.sample_order
-
-    class Stop(mmr5.run.StopFlag):
-        def __init__(self):
-            super().__init__()
-            flags.append(self)
-
-    def order_then_stop(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            flags[-1].requested = True
-        return real(*a, **k)
-
-    monkeypatch.setattr(mmr5.run, "StopFlag", Stop)
-    monkeypatch.setattr(train_ppo, "sample_order", order_then_stop)
+    real = interrupt_at_step(monkeypatch, train_ppo, 2)
     train_ppo.main(args(model, ppo_data, tmp_path / "resumed"))
     assert [r["step"] for r in metrics(tmp_path / "resumed")] == [1, 2]
     monkeypatch.setattr(train_ppo, "sample_order", real)
