@@ -1,4 +1,5 @@
-"""PPO (with a critic) or GRPO fine-tuning of an MM-R5 reranker on the fused reward: rerank + format (+ think).
+"""PPO (with a critic), GRPO or REINFORCE++ fine-tuning of an MM-R5 reranker on the fused reward: rerank + format
+(+ think).
 
 With no arguments: continues the built-in demo from its SFT model (runs/demo/sft/model; trains it first if missing)
 and reports held-out rewards before -> after. With --model/--train/--eval/--out: your SFT output and data.

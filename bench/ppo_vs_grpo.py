@@ -5,9 +5,9 @@ Runs `train_ppo.py` with the built-in demo's settings from the full built-in SFT
 step), each in its own folder under --out. Then prints held-out rerank reward, Recall@1 and format reward at every
 evaluation, against the step and the wall-clock seconds the run had spent in training steps by then, and the mean
 over seeds, and each PPO run's critic (median explained variance over its last 20 steps). `gae-replay` is PPO with
-`--critic-replay 3`; `gae-constant` is PPO with the critic taken out (a value head frozen at the first rollout's
-mean return, no value pretraining): what the critic adds. Needs `python train_sft.py` first.
-Usage: python bench/ppo_vs_grpo.py [--seeds 0 1 2] [--steps 60] [--advantages gae grpo gae-replay gae-constant]
+`--critic-replay 3`; `reinforce` is PPO's objective with the critic taken out (`--advantage reinforce`): what the
+critic adds. Needs `python train_sft.py` first.
+Usage: python bench/ppo_vs_grpo.py [--seeds 0 1 2] [--steps 60] [--advantages gae grpo gae-replay reinforce]
 """
 import argparse
 import json
@@ -25,7 +25,7 @@ from train_ppo import DEMO, DEMO_SFT  # noqa: E402
 # each setting compared: train_ppo.py flags on top of the demo's
 SETTINGS = {"gae": {"advantage": "gae"}, "grpo": {"advantage": "grpo"},
             "gae-replay": {"advantage": "gae", "critic_replay": 3},
-            "gae-constant": {"advantage": "gae", "critic": "shared", "critic_lr": 1e-12, "critic_warmup": 0}}
+            "reinforce": {"advantage": "reinforce"}}
 
 
 def run(setting: str, seed: int, out: Path, steps: int | None, rerun: bool) -> list[dict]:
@@ -57,8 +57,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (sampling, data order)")
     p.add_argument("--advantages", nargs="+", default=["gae", "grpo"], choices=list(SETTINGS),
-                   help="settings to run (gae-replay: PPO with --critic-replay 3; gae-constant: PPO with a constant "
-                        "baseline instead of a learned critic)")
+                   help="settings to run (gae-replay: PPO with --critic-replay 3; reinforce: PPO with no critic)")
     p.add_argument("--steps", type=int, default=None, help="steps per run (default: the demo's)")
     p.add_argument("--out", default="runs/bench_ppo_vs_grpo", help="one folder per run under this")
     p.add_argument("--rerun", action="store_true", help="rerun finished runs (default: reuse their metrics)")

@@ -169,6 +169,27 @@ def test_rewards_sit_on_the_last_token_and_kl_enters(rollout_setup):
     assert torch.allclose(exp.returns, expected, atol=1e-4)
 
 
+def test_reinforce_advantages_are_the_whitened_return_to_go(rollout_setup):
+    """--advantage reinforce: no critic (the model has no value head), A_t = the batch-whitened return-to-go of the
+    score and the per-token -beta * k1."""
+    _, path, batch, pages, rollout = rollout_setup
+    scores = torch.tensor([1.0, 0.0, 0.5, 0.2])
+    model = Qwen2VL.from_pretrained(path)
+    add_lora(model, rank=4, alpha=8)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    cfg = PPOConfig(advantage="reinforce", lam=0.5)  # lam is the critic's business: not used here
+    assert (cfg.kl_in, cfg.loss_agg) == ("reward", "token")
+    exp = make_experience(model, batch, pages, rollout, scores, 2, cfg, 0.5)
+    m = exp.mask.float()
+    k1 = (exp.old_logp - exp.ref_logp) * m
+    assert k1.abs().sum() > 0
+    to_go = (scores[:, None] - 0.5 * (k1.flip(1).cumsum(1).flip(1))) * m
+    assert torch.allclose(exp.advantages, masked_whiten(to_go, m), atol=1e-4)
+    assert not exp.returns.any() and not exp.old_values.any()
+
+
 def test_group_score_baseline_and_value_start(rollout_setup):
     """--score-baseline group: GAE's last-token reward is the score less its prompt's mean; start_at puts V there."""
     model, path, batch, pages, rollout = rollout_setup
@@ -194,9 +215,8 @@ def test_ppo_update_moves_toward_advantage_and_guards_nan(rollout_setup):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2)
     scores = torch.tensor([1.0, 0.0, 1.0, 0.0])
-    for advantage in ("gae", "grpo"):
-        cfg = PPOConfig(advantage=advantage, epochs=3, minibatch_size=2, micro_batch_size=1,
-                        kl_in="loss" if advantage == "grpo" else "reward")
+    for advantage in ("gae", "grpo", "reinforce"):
+        cfg = PPOConfig(advantage=advantage, epochs=3, minibatch_size=2, micro_batch_size=1)
         exp = make_experience(model, batch, pages, rollout, scores, 2, cfg, 0.01)
         stats = ppo_update(model, exp, opt, params, cfg, 0.01, generator=torch.Generator().manual_seed(0))
         assert stats["skipped"] == 0 and math.isfinite(stats["policy_loss"])

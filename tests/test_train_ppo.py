@@ -39,6 +39,7 @@ def metrics(out):
 
 @pytest.mark.parametrize("extra", [["--advantage", "gae", "--w-think", "1"],
                                    ["--advantage", "grpo", "--save-dtype", "bfloat16"],
+                                   ["--advantage", "reinforce"],
                                    ["--advantage", "gae", "--critic", "separate", "--lora-rank", "4",
                                     "--target-kl", "0.1", "--critic-warmup", "1", "--critic-replay", "2"],
                                    # a GPU recipe's settings (bf16 autocast is the CUDA default), here on the CPU
@@ -51,8 +52,9 @@ def test_runs_end_to_end(tiny_model_dirs, ppo_data, tmp_path, extra):
     steps = [r for r in records if "reward" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert all(r["skipped"] == 0 and math.isfinite(r["kl"]) for r in steps)
+    assert all(("value_loss" in r) == ("gae" in extra) and ("explained_variance" in r) == ("gae" in extra)
+               for r in steps)
     if "gae" in extra:
-        assert all("value_loss" in r for r in steps)
         replayed = [("replay_value_loss" in r) for r in steps]  # from step 2 on: step 1 has no earlier rollout
         assert replayed == ([False, True, True, True] if "--critic-replay" in extra else [False] * 4)
     summary = json.loads((out / "summary.json").read_text())
