@@ -146,6 +146,17 @@ def test_value_head_reads_the_response_positions(rollout_setup):
     assert torch.equal(exp.ref_logp * exp.mask, exp.old_logp * exp.mask)  # reference == policy here: KL 0
 
 
+def policy_off_its_reference(path):
+    """A fresh copy of the tiny model with perturbed LoRA adapters: the policy now differs from its reference (the
+    base, adapters off), so the KL terms are not zero. Fresh, so the adapters do not leak into other tests."""
+    model = Qwen2VL.from_pretrained(path)
+    add_lora(model, rank=4, alpha=8)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
 def test_rewards_sit_on_the_last_token_and_kl_enters(rollout_setup):
     model, path, batch, pages, rollout = rollout_setup
     scores = torch.tensor([1.0, 0.0, 0.5, 0.2])
@@ -156,12 +167,8 @@ def test_rewards_sit_on_the_last_token_and_kl_enters(rollout_setup):
     m = exp.mask.float()
     # V = 0, gamma = lam = 1, no KL: every token's return is the sequence's score
     assert torch.allclose(exp.returns, scores[:, None] * m)
-    model = Qwen2VL.from_pretrained(path)  # a fresh copy: the adapters below must not leak into other tests
-    add_lora(model, rank=4, alpha=8)  # perturb the adapters: the policy now differs from the base reference
+    model = policy_off_its_reference(path)
     model.value_head = ValueHead(64)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)
     exp = make_experience(model, batch, pages, rollout, scores, 2, cfg, 0.5)
     k1 = (exp.old_logp - exp.ref_logp) * m
     assert k1.abs().sum() > 0
@@ -174,11 +181,7 @@ def test_reinforce_advantages_are_the_whitened_return_to_go(rollout_setup):
     score and the per-token -beta * k1."""
     _, path, batch, pages, rollout = rollout_setup
     scores = torch.tensor([1.0, 0.0, 0.5, 0.2])
-    model = Qwen2VL.from_pretrained(path)
-    add_lora(model, rank=4, alpha=8)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)
+    model = policy_off_its_reference(path)
     cfg = PPOConfig(advantage="reinforce", lam=0.5)  # lam is the critic's business: not used here
     assert (cfg.kl_in, cfg.loss_agg) == ("reward", "token")
     exp = make_experience(model, batch, pages, rollout, scores, 2, cfg, 0.5)
