@@ -10,7 +10,7 @@ response to every prompt; the ids it lists after "Relevant:" are its reading. Th
 process of this script, its critic patched in), plus `--critic-replay 3` unless --replay says otherwise.
 A measurement, not a library feature: the patches below are how it was built (see bench/README.md for what a
 library version needs). Needs `python train_sft.py` first.
-Usage: python bench/critic_reads.py [--seeds 0 1 2] [--replay 3] [--marks all|response|none]
+Usage: python bench/critic_reads.py [--seeds 0 1 2] [--replay 3] [--marks all|response|none] [--lam 0.95]
 """
 import argparse
 import copy
@@ -126,6 +126,7 @@ def main():
     p.add_argument("--replay", type=int, default=3, help="--critic-replay of the runs")
     p.add_argument("--marks", default="all", choices=["all", "response", "none"],
                    help="where the reading is marked: prompt and response ids, response ids only, nowhere")
+    p.add_argument("--lam", type=float, default=None, help="the policy's GAE lambda (default: the demo's 1.0)")
     p.add_argument("--reader", default="runs/demo/reader", help="the reader's train_sft.py output (built if missing)")
     p.add_argument("--out", default="runs/bench_critic_reads", help="one folder per run under this")
     p.add_argument("--run", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)  # internal: one run, these flags
@@ -138,8 +139,10 @@ def main():
     paths = build_rl_demo(REPO / "runs" / "demo")
     build_reader(Path(args.reader), paths)
     for seed in args.seeds:
-        out = Path(args.out) / f"marks_{args.marks}_replay{args.replay}_seed{seed}"
-        flags = {**train_ppo.DEMO, "out": str(out), "seed": seed, "eval_every": 10, "critic_replay": args.replay}
+        lam = train_ppo.DEMO["lam"] if args.lam is None else args.lam
+        out = Path(args.out) / f"marks_{args.marks}_replay{args.replay}_lam{lam}_seed{seed}"
+        flags = {**train_ppo.DEMO, "out": str(out), "seed": seed, "eval_every": 10, "critic_replay": args.replay,
+                 "lam": lam}
         argv = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
         argv += ["--model", str(REPO / train_ppo.DEMO_SFT / "model"), "--train", paths["train"], "--eval",
                  paths["eval"], "--no-resume"]
