@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import mmr5.ppo as ppo  # noqa: E402
 import train_ppo  # noqa: E402
+from bench.ppo_vs_grpo import evals_of  # noqa: E402
 from mmr5.run import Run  # noqa: E402
 from mmr5.sampler import generate  # noqa: E402
 from mmr5.synthetic import build_rl_demo  # noqa: E402
@@ -77,8 +78,8 @@ def patch_train_ppo(reader: str, marks: str, reading_kind: str):
         tok = self.processor.tokenizer
         digit_of = torch.zeros(critic.config.text.vocab_size, dtype=torch.long)
         for k in range(1, 10):
-            if tok.token_to_id(str(k)) is not None:
-                digit_of[tok.token_to_id(str(k))] = k
+            if (token := tok.token_to_id(str(k))) is not None:
+                digit_of[token] = k
         # value training wrecks the critic's own text within one update, so a frozen copy writes the reading
         state.update(critic=critic, digit_of=digit_of, image_word=tok.token_to_id("Image"),
                      writer=copy.deepcopy(critic).eval().requires_grad_(False))
@@ -89,7 +90,7 @@ def patch_train_ppo(reader: str, marks: str, reading_kind: str):
         with torch.no_grad(), run.autocast:
             own = generate(state["writer"], run.processor, batch, cfg.max_new_tokens, temperature=0.0,
                            image_features=torch.cat(pages[0]))
-        reading = torch.zeros(len(samples), 10, dtype=torch.long) + (0 if reading_kind == "relevant" else 3)
+        reading = torch.full((len(samples), 10), 0 if reading_kind == "relevant" else 3)
         right = 0
         for i, text in enumerate(own.texts):
             if reading_kind == "relevant":  # the ids after the demo chain's "Relevant:"
@@ -153,19 +154,18 @@ def main():
         sys.exit("error: no built-in SFT model: run `python train_sft.py` first")
     paths = build_rl_demo(REPO / "runs" / "demo")
     build_reader(Path(args.reader), paths)
+    lam = train_ppo.DEMO["lam"] if args.lam is None else args.lam
     for seed in args.seeds:
-        lam = train_ppo.DEMO["lam"] if args.lam is None else args.lam
         out = Path(args.out) / f"{args.reading}_marks_{args.marks}_replay{args.replay}_lam{lam}_seed{seed}"
         flags = {**train_ppo.DEMO, "out": str(out), "seed": seed, "eval_every": 10, "critic_replay": args.replay,
                  "lam": lam}
         argv = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
         argv += ["--model", str(REPO / train_ppo.DEMO_SFT / "model"), "--train", paths["train"], "--eval",
                  paths["eval"], "--no-resume"]
-        subprocess.run([sys.executable, __file__, "--reader", args.reader, "--marks", args.marks, "--reading", args.reading, "--run", *argv],
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable, __file__, "--reader", args.reader, "--marks", args.marks, "--reading",
+                        args.reading, "--run", *argv], check=True, stdout=subprocess.DEVNULL)
         summary = json.loads((out / "summary.json").read_text())
-        evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        evals = [e for e in evals if "eval_rerank" in e]
+        evals = evals_of(out)
         print(f"seed {seed}: critic, median of the last 20 steps {summary['critic_last_20_steps']}; held-out rerank "
               + ", ".join(f"{e['eval_rerank']:.3f} (step {e['step']})" for e in evals), flush=True)
 
