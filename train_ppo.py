@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from mmr5 import distributed
 from mmr5.data import sample_order
-from mmr5.ppo import (AdaptiveKL, PPOConfig, ValueHead, encode_pages, explained_variance, last_token,
+from mmr5.ppo import (AdaptiveKL, PageMarks, PPOConfig, ValueHead, encode_pages, explained_variance, last_token,
                       make_experience, outcome, ppo_update, replay_critic)
 from mmr5.rewards import fused_reward
 from mmr5.run import Run, add_config_flags, add_run_flags, config_from_args, parse_run_args
@@ -33,7 +33,7 @@ DEMO = dict(out="runs/demo/ppo", steps=50, prompts_per_step=24, samples=4, lr=1e
             lam=1.0)
 DEMO_SFT = "runs/demo/sft"
 RUN_IDENTITY = ("model", "train", "prompts_per_step", "samples", "lora_rank", "lora_alpha", "lora_targets", "critic",
-                "advantage", "seed")
+                "critic_labels", "advantage", "seed")
 CURVES = ["reward", "rerank", "format", "kl", "value_loss", "explained_variance", "explained_variance_last",
           "eval_rerank", "eval_recall@1"]
 
@@ -74,6 +74,8 @@ def build_models(run: Run, cfg: PPOConfig):
     critic = run.load_model(freeze_vision=True) if cfg.advantage == "gae" and cfg.critic == "separate" else None
     if cfg.advantage == "gae":
         (critic or policy).value_head = ValueHead(policy.config.text.hidden_size).to(run.d.device)
+    if cfg.critic_labels:
+        critic.page_marks = PageMarks(policy.config.text.hidden_size, run.processor.token_texts()).to(run.d.device)
     models = {"policy": policy, **({"critic": critic} if critic is not None else {})}
     forwards = {}
     for name, m in models.items():
@@ -222,7 +224,7 @@ def main(argv=None):
             start_critic(cfg, (critic or policy).value_head, scores, reduce)
         with run.autocast:
             exp = make_experience(policy, batch, pages, out, scores, cfg.samples, cfg, kl_ctl.value, critic,
-                                  reference, reduce)
+                                  reference, reduce, relevant=[set(s.positives) for s in samples])
             for m in models.values():
                 m.train()
             generator = torch.Generator().manual_seed(args.seed * 7919 + run.step * 1009 + run.d.rank)

@@ -39,10 +39,10 @@ READER_SFT = dict(steps=150, batch_size=16, micro_batch_size=8, lr=5e-4, eval_li
                   save_every=1000)
 
 
-def patch_train_ppo(reader: str, marks: str, reading_kind: str, marks_init: float = 0.0):
+def patch_train_ppo(reader: str, marks: str, reading_kind: str):
     """Load the critic from `reader`, let a frozen copy of it write a reading per prompt each step, and add the
     reading marks to the critic's input embeddings (`marks`: where; `reading_kind`: relevant or rank)."""
-    classes = 4 if reading_kind == "rank" else 2  # relevant / labels: no, yes; rank: 1st, 2nd, 3rd, later or unlisted
+    classes = 2 if reading_kind == "relevant" else 4  # relevant: no / yes; rank: 1st, 2nd, 3rd, later or unlisted
     state = {"loads": 0, "ctx": None}
     load_model, rollout, response_forward = Run.load_model, train_ppo.rollout, ppo.response_forward
 
@@ -68,14 +68,12 @@ def patch_train_ppo(reader: str, marks: str, reading_kind: str, marks_init: floa
         state["loads"] += 1
         if state["loads"] != 2:  # build_models loads the policy first, then the critic
             return load_model(self, freeze_vision, lora_dropout)
-        keep, self.args.model = self.args.model, reader or self.args.model
+        keep, self.args.model = self.args.model, reader
         try:
             critic = load_model(self, freeze_vision, lora_dropout)
         finally:
             self.args.model = keep
-        scale = marks_init * float(critic.model.embed_tokens.weight.std())  # 0: the marks start at zero
-        critic.marks = torch.nn.Parameter(scale * torch.randn(2 * classes, critic.config.text.hidden_size,
-                                                              generator=torch.Generator().manual_seed(0)))
+        critic.marks = torch.nn.Parameter(torch.zeros(2 * classes, critic.config.text.hidden_size))
         critic.model.embed_tokens.register_forward_hook(embed_hook)
         tok = self.processor.tokenizer
         digit_of = torch.zeros(critic.config.text.vocab_size, dtype=torch.long)
@@ -83,18 +81,12 @@ def patch_train_ppo(reader: str, marks: str, reading_kind: str, marks_init: floa
             if (token := tok.token_to_id(str(k))) is not None:
                 digit_of[token] = k
         # value training wrecks the critic's own text within one update, so a frozen copy writes the reading
-        state.update(critic=critic, digit_of=digit_of, image_word=tok.token_to_id("Image"))
-        if reading_kind != "labels":
-            state["writer"] = copy.deepcopy(critic).eval().requires_grad_(False)
+        state.update(critic=critic, digit_of=digit_of, image_word=tok.token_to_id("Image"),
+                     writer=copy.deepcopy(critic).eval().requires_grad_(False))
         return critic
 
     def rollout_and_read(run, cfg, policy, samples, step, keep_going):
         batch, pages, out = rollout(run, cfg, policy, samples, step, keep_going)
-        if reading_kind == "labels":  # the RL set's own labels: the reward is computed from them anyway
-            state["reading"] = torch.zeros(len(samples), 10, dtype=torch.long)
-            for i, s in enumerate(samples):
-                state["reading"][i, list(s.positives)] = 1
-            return batch, pages, out
         with torch.no_grad(), run.autocast:
             own = generate(state["writer"], run.processor, batch, cfg.max_new_tokens, temperature=0.0,
                            image_features=torch.cat(pages[0]))
@@ -147,38 +139,31 @@ def main():
     p.add_argument("--replay", type=int, default=3, help="--critic-replay of the runs")
     p.add_argument("--marks", default="all", choices=["all", "response", "none"],
                    help="where the reading is marked: prompt and response ids, response ids only, nowhere")
-    p.add_argument("--reading", default="relevant", choices=["relevant", "rank", "labels"],
+    p.add_argument("--reading", default="relevant", choices=["relevant", "rank"],
                    help="what is marked: the ids after the writer's \"Relevant:\" (the demo's chains), or each page's "
-                        "rank in the writer's answer (1st, 2nd, 3rd, later), or the RL set's labels (no writer)")
-    p.add_argument("--marks-init", type=float, default=0.0,
-                   help="the marks start random at this multiple of the embeddings' std (default 0: at zero)")
+                        "rank in the writer's answer (1st, 2nd, 3rd, later)")
     p.add_argument("--lam", type=float, default=None, help="the policy's GAE lambda (default: the demo's 1.0)")
-    p.add_argument("--reader", default="runs/demo/reader",
-                   help="the reader's train_sft.py output (built if missing); 'none': the critic starts from the SFT model")
+    p.add_argument("--reader", default="runs/demo/reader", help="the reader's train_sft.py output (built if missing)")
     p.add_argument("--out", default="runs/bench_critic_reads", help="one folder per run under this")
     p.add_argument("--run", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)  # internal: one run, these flags
     args = p.parse_args()
     if args.run is not None:
-        patch_train_ppo(None if args.reader == "none" else str(Path(args.reader) / "model"), args.marks, args.reading,
-                        args.marks_init)
+        patch_train_ppo(str(Path(args.reader) / "model"), args.marks, args.reading)
         return train_ppo.main(args.run)
     if not (REPO / train_ppo.DEMO_SFT / "model" / "config.json").exists():
         sys.exit("error: no built-in SFT model: run `python train_sft.py` first")
     paths = build_rl_demo(REPO / "runs" / "demo")
-    if args.reader != "none":
-        build_reader(Path(args.reader), paths)
+    build_reader(Path(args.reader), paths)
     lam = train_ppo.DEMO["lam"] if args.lam is None else args.lam
     for seed in args.seeds:
-        start = "" if args.reader == "runs/demo/reader" else f"_from_{Path(args.reader).name}"
-        start += f"_init{args.marks_init}" if args.marks_init else ""
-        out = Path(args.out) / f"{args.reading}{start}_marks_{args.marks}_replay{args.replay}_lam{lam}_seed{seed}"
+        out = Path(args.out) / f"{args.reading}_marks_{args.marks}_replay{args.replay}_lam{lam}_seed{seed}"
         flags = {**train_ppo.DEMO, "out": str(out), "seed": seed, "eval_every": 10, "critic_replay": args.replay,
                  "lam": lam}
         argv = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
         argv += ["--model", str(REPO / train_ppo.DEMO_SFT / "model"), "--train", paths["train"], "--eval",
                  paths["eval"], "--no-resume"]
         subprocess.run([sys.executable, __file__, "--reader", args.reader, "--marks", args.marks, "--reading",
-                        args.reading, "--marks-init", str(args.marks_init), "--run", *argv], check=True, stdout=subprocess.DEVNULL)
+                        args.reading, "--run", *argv], check=True, stdout=subprocess.DEVNULL)
         summary = json.loads((out / "summary.json").read_text())
         evals = evals_of(out)
         print(f"seed {seed}: critic, median of the last 20 steps {summary['critic_last_20_steps']}; held-out rerank "

@@ -286,15 +286,19 @@ class Qwen2VL(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                 position_ids=None, cache: KVCache | None = None, keep_last: int | None = None, logits: bool = True,
-                image_features=None) -> Output:
+                image_features=None, page_labels=None) -> Output:
         """Final hidden states and logits of every position, or of the last `keep_last` only (a prefill needs one).
         `logits=False` skips the LM head: callers that score a subset of positions run it on those themselves.
+        `page_labels` [B, T]: a critic's `self.page_marks` (mmr5.ppo.PageMarks) adds its marks to the input
+        embeddings here, inside the forward, where FSDP has its parameters gathered.
 
         With a cache, `attention_mask` covers every position so far (cached + new), as in HF, and `position_ids`
         must be given for decoding steps (prefill + offset; see `rope_positions`).
         """
         B, T = input_ids.shape
         x = self.embed(input_ids, pixel_values, image_grid_thw, image_features)
+        if page_labels is not None:
+            x = x + self.page_marks(page_labels).to(x.dtype)
         if position_ids is None:
             if cache is not None and cache.seen > 0:
                 raise ValueError("decoding with a cache needs position_ids (prompt max position + 1 + step)")

@@ -201,6 +201,11 @@ class Processor:
             ids = ids.tolist()
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def token_texts(self) -> list[str]:
+        """Each token id's own text (a critic's PageMarks finds page ids by it)."""
+        n = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        return self.tokenizer.decode_batch([[i] for i in range(n)], skip_special_tokens=False)
+
     def render(self, messages, add_generation_prompt=True):
         """Chat messages (HF form) -> text, as Qwen2-VL / Qwen2.5-VL's chat template renders them."""
         text = DEFAULT_SYSTEM if messages and messages[0]["role"] != "system" else ""

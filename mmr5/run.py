@@ -68,8 +68,9 @@ def add_config_flags(group, config_class):
     """One flag per dataclass field, its default, type, choices and help read from the field."""
     for f in dataclasses.fields(config_class):
         extra = {k: v for k, v in f.metadata.items() if k != "help"}
+        kind = {"action": argparse.BooleanOptionalAction} if isinstance(f.default, bool) else {"type": type(f.default)}
         group.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=f.metadata["help"],
-                           **{"type": type(f.default), **extra})
+                           **{**kind, **extra})
 
 
 def config_from_args(p: argparse.ArgumentParser, args, config_class):

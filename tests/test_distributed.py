@@ -100,11 +100,12 @@ def test_two_ranks_train_like_one_process(tiny_model_dirs, data, single_run, tmp
 def test_ppo_script_on_two_ranks(tiny_model_dirs, data, tmp_path, fsdp):
     """train_ppo.py under torchrun with a GPU recipe's settings (LoRA, bf16 autocast) and no eval set, so that its
     first forward is the vision tower alone (FSDP2 took the tower for its root and refused the model), and
-    checkpoints every step (the optimizer state gathered from the shards)."""
+    checkpoints every step (the optimizer state gathered from the shards); the critic with page marks, which FSDP
+    must have gathered when its forward adds them."""
     out = tmp_path / "ppo"
     args = ["--model", str(tiny_model_dirs["qwen2_5_vl"]), "--train", str(data / "train.jsonl"), "--out", str(out),
             "--steps", "2", "--prompts-per-step", "2", "--samples", "2", "--max-new-tokens", "8", "--minibatch-size",
-            "2", "--micro-batch-size", "1", "--save-every", "1", "--lora-rank", "4", "--bf16", "on"]
+            "2", "--micro-batch-size", "1", "--save-every", "1", "--lora-rank", "4", "--bf16", "on", "--critic-labels"]
     log = finish(launch(2, args + (["--fsdp"] if fsdp else []), script="train_ppo.py"))
     assert f"2 ranks ({'FSDP2' if fsdp else 'DDP'})" in log
     steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "reward" in r]

@@ -12,7 +12,7 @@ from conftest import page_images
 
 from mmr5.lora import add_lora
 from mmr5.model import Qwen2VL
-from mmr5.ppo import (AdaptiveKL, PPOConfig, ValueHead, encode_pages, explained_variance, gae, group_advantages,
+from mmr5.ppo import (AdaptiveKL, PageMarks, PPOConfig, ValueHead, encode_pages, explained_variance, gae, group_advantages,
                       kl_estimate, last_token, make_experience, masked_mean, masked_whiten, outcome, policy_loss, ppo_update,
                       replay_critic, response_forward, sequence_mean, value_loss)
 from mmr5.processor import Processor
@@ -513,6 +513,76 @@ def test_grpo_loss_and_gradient_equal_trl(rollout_setup, tmp_path, loss_agg, los
     ours_loss, ours = mmr5_loss_and_gradient(model, exp, loss_agg, micro_batch_size=3)
     assert ours_loss == pytest.approx(trl_loss, rel=1e-5)
     assert relative_error(ours, trl_grads) < 1e-5
+
+
+def test_page_marks_label_each_page_id(rollout_setup):
+    """Marks on the prompt's "Image k:" slots and on every in-range id a response writes (all digits of "12"), 1 for
+    a relevant page, 0 for another, -1 elsewhere (the template's example "Image 1", a query's numbers, id 0)."""
+    path = rollout_setup[1]
+    proc = Processor.from_pretrained(path)
+    marks = PageMarks(8, proc.token_texts())
+    texts = marks.texts
+
+    def marked(ids, relevant, pages, prompt):
+        labels = marks.labels(torch.tensor([ids]), [relevant], [pages], prompt)[0].tolist()
+        runs, current = [], None
+        for token, label in zip(ids, labels):
+            if label >= 0:
+                current = current or ["", label]
+                current[0] += texts[token].strip()
+                runs.append(current) if len(current[0]) == len(texts[token].strip()) else None
+            else:
+                current = None
+        return [tuple(r) for r in runs]
+
+    prompt = proc.encode(proc.rerank_prompt("the 2 red circles of 2019", 12))
+    assert marked(prompt, {2, 12}, 12, True) == [(str(k), int(k in (2, 12))) for k in range(1, 13)]
+    response = proc.encode("<think>Image 12 and image 3 match, 0 and 13 do not</think><answer>[12, 3, 1]</answer>")
+    assert marked(response, {2, 12}, 12, False) == [("12", 1), ("3", 0), ("12", 1), ("3", 0), ("1", 0)]
+    assert marked(response, {3}, 5, False) == [("3", 1), ("3", 1), ("1", 0)]  # 12 is no page of 5
+    v = torch.randn(2, 8)
+    marks.vectors.data.copy_(v)
+    emb = marks(torch.tensor([[-1, 0, 1]]))
+    assert torch.equal(emb[0], torch.stack([torch.zeros(8), v[0], v[1]]))
+
+
+def test_page_marks_reach_the_critic_at_their_own_positions(rollout_setup):
+    """A mark on response token j changes the values from position j + 1 on (V_t is read from the state that
+    predicts token t, which has seen tokens < t) and nothing before; prompt marks change every value; the policy's
+    forward and a critic without marks are untouched. Fails if the marks are shifted, misplaced or not passed on."""
+    model, path, batch, pages, rollout = rollout_setup
+    proc = Processor.from_pretrained(path)
+    critic = Qwen2VL.from_pretrained(path)
+    critic.value_head = ValueHead(critic.config.text.hidden_size)
+    torch.nn.init.normal_(critic.value_head.linear.weight, std=0.1)
+    critic.page_marks = PageMarks(critic.config.text.hidden_size, proc.token_texts())
+    exp = make_experience(model, batch, pages, rollout, torch.zeros(4), 2, PPOConfig(), 0.0, critic, reference=model,
+                          relevant=[{1}, {2}])
+    rows = torch.arange(4)
+    values = lambda: response_forward(critic, exp, rows, logprobs=False, values=True)[2]  # noqa: E731
+    with torch.no_grad():
+        plain = values()  # the marks start at zero: the critic starts as the model it was copied from
+        marks, critic.page_marks = critic.page_marks, None
+        assert torch.equal(values(), plain)
+        critic.page_marks = marks
+        assert (exp.prompt_marks >= 0).sum() == 5  # the "Image k:" slots of prompts with 3 and 2 pages
+        torch.nn.init.normal_(critic.page_marks.vectors, std=1.0)
+        exp.marks, exp.prompt_marks = torch.full_like(exp.marks, -1), torch.full_like(exp.prompt_marks, -1)
+        assert torch.equal(values(), plain)  # nothing marked: the vectors are not read
+        j = 3  # mark response token j of every row (as if it named a page)
+        exp.marks[:, j] = torch.tensor([0, 1, 0, 1])
+        changed = (values() - plain).abs() > 1e-6
+        assert not changed[:, :j + 1].any() and changed[:, j + 1:][exp.mask[:, j + 1:]].all()
+        exp.marks.fill_(-1)
+        exp.prompt_marks[:, -5] = 1
+        assert ((values() - plain).abs() > 1e-6)[exp.mask].all()
+        critic.set_gradient_checkpointing(True)  # the other forward path, one sequence per row
+        critic.train()
+        checkpointed = values()
+        shared = response_forward(critic.eval(), exp, rows, logprobs=False, values=True)[2]
+        assert torch.allclose(checkpointed * exp.mask, shared * exp.mask, atol=1e-5)
+        logp = response_forward(model, exp, rows)[0]
+        assert torch.equal(logp, exp.old_logp)  # the policy never sees them
 
 
 def answer_rollouts(proc, batch, n: int, seed: int, decided_last: bool = False):

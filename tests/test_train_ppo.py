@@ -42,6 +42,7 @@ def metrics(out):
                                    ["--advantage", "reinforce"],
                                    ["--advantage", "gae", "--critic", "separate", "--lora-rank", "4",
                                     "--target-kl", "0.1", "--critic-warmup", "1", "--critic-replay", "2"],
+                                   ["--advantage", "gae", "--critic-labels", "--critic-warmup", "1"],
                                    # a GPU recipe's settings (bf16 autocast is the CUDA default), here on the CPU
                                    ["--advantage", "gae", "--bf16", "on", "--lora-rank", "4", "--grad-checkpointing"]])
 def test_runs_end_to_end(tiny_model_dirs, ppo_data, tmp_path, extra):
@@ -67,6 +68,10 @@ def test_runs_end_to_end(tiny_model_dirs, ppo_data, tmp_path, extra):
     else:
         assert "critic_last_20_steps" not in summary
     assert (out / "model" / "config.json").exists() and (out / "curve.png").exists()
+    weights = load_file(next((out / "checkpoints").glob("step-*")) / "weights.safetensors")
+    marks = weights.get("critic.page_marks.vectors")  # trained with the critic, kept in its checkpoints
+    assert (marks is not None and marks.abs().sum() > 0) == ("--critic-labels" in extra)
+    assert not any("page_marks" in k for k in load_file(out / "model" / "model.safetensors"))
     # The vision tower is frozen: the saved one is the base's to the bit (also when a LoRA base sat in bf16)
     vision = lambda path: {k.split("visual.")[1]: v for k, v in load_file(path).items() if "visual." in k}  # noqa: E731
     base, saved = vision(tiny_model_dirs["qwen2_5_vl"] / "model.safetensors"), vision(out / "model/model.safetensors")
@@ -85,14 +90,15 @@ def test_critic_summary_is_the_median_of_the_last_20_logged_values(tmp_path):
                                                               "explained_variance_last": None}
 
 
-def test_resume_reproduces_the_uninterrupted_run(tiny_model_dirs, ppo_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [[], ["--critic-labels"]])
+def test_resume_reproduces_the_uninterrupted_run(tiny_model_dirs, ppo_data, tmp_path, monkeypatch, extra):
     model = tiny_model_dirs["qwen2_vl"]
-    train_ppo.main(args(model, ppo_data, tmp_path / "full"))
+    train_ppo.main(args(model, ppo_data, tmp_path / "full", *extra))
     real = interrupt_at_step(monkeypatch, train_ppo, 2)
-    train_ppo.main(args(model, ppo_data, tmp_path / "resumed"))
+    train_ppo.main(args(model, ppo_data, tmp_path / "resumed", *extra))
     assert [r["step"] for r in metrics(tmp_path / "resumed")] == [1, 2]
     monkeypatch.setattr(train_ppo, "sample_order", real)
-    train_ppo.main(args(model, ppo_data, tmp_path / "resumed"))
+    train_ppo.main(args(model, ppo_data, tmp_path / "resumed", *extra))
     drop = ("step_s", "tokens_per_s")
     strip = lambda rs: [{k: v for k, v in r.items() if k not in drop} for r in rs]  # noqa: E731
     assert strip(metrics(tmp_path / "full")) == strip(metrics(tmp_path / "resumed"))
@@ -101,7 +107,8 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model_dirs, ppo_data, tmp_
 def test_bad_flags_are_one_line_errors(tiny_model_dirs, ppo_data, tmp_path):
     model = tiny_model_dirs["qwen2_5_vl"]
     for extra in (["--lr", "-1"], ["--samples", "0"], ["--critic-replay", "-1"],
-                  ["--advantage", "grpo", "--samples", "1"], ["--min-pixels", "5000", "--max-pixels", "100"]):
+                  ["--advantage", "grpo", "--samples", "1"], ["--min-pixels", "5000", "--max-pixels", "100"],
+                  ["--critic-labels", "--critic", "shared"], ["--critic-labels", "--advantage", "grpo"]):
         r = subprocess.run([sys.executable, "train_ppo.py", "--model", str(model), "--train",
                             str(ppo_data / "train.jsonl"), "--out", str(tmp_path / "x"), *extra],
                            cwd=ROOT, capture_output=True, text=True)
