@@ -65,8 +65,8 @@ class PPOConfig:
     critic_labels: bool = setting(False, "the separate critic is told which pages are relevant (PageMarks: a learned "
                                   "mark on each page id of its input; the policy never sees them). The demo, 3 seeds: "
                                   "median explained variance 0.26 / 0.47 (all / last token; the default 0.14 / 0.26), "
-                                  "with --critic-replay 3 0.54 / 0.87; the policy no better (held-out rerank 0.653 and "
-                                  "0.676 at step 50, the default 0.708)")
+                                  "with --critic-replay 3 0.45 / 0.88 (6 runs); the policy no better (held-out rerank "
+                                  "0.653 and 0.697 at step 50, the default 0.708)")
     score_baseline: str = setting("none", "gae: subtract from each score the mean score of its prompt's samples "
                                   "before GAE (group: the critic then predicts only how a response differs from its "
                                   "prompt's average, which it can read from the response)", choices=["none", "group"])
