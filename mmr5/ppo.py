@@ -487,9 +487,9 @@ def make_experience(policy: Qwen2VL, prompt_batch: dict, pages: tuple[list, list
     if getattr(critic, "page_marks", None) is not None:
         if relevant is None:
             raise ValueError("a critic with page marks (--critic-labels) needs each prompt's relevant pages")
-        pages = [len(g) for g in grids]
-        exp.prompt_marks = critic.page_marks.labels(exp.prompt_ids, relevant, pages, prompt=True)
-        exp.marks = critic.page_marks.labels(exp.tokens, [relevant[g] for g in group], [pages[g] for g in group],
+        counts = [len(g) for g in grids]  # each prompt's number of pages
+        exp.prompt_marks = critic.page_marks.labels(exp.prompt_ids, relevant, counts, prompt=True)
+        exp.marks = critic.page_marks.labels(exp.tokens, [relevant[g] for g in group], [counts[g] for g in group],
                                              prompt=False)
     gae_mode = cfg.advantage == "gae"
     old, ref, old_values = [], [], []
