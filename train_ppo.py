@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from mmr5 import distributed
 from mmr5.data import sample_order
-from mmr5.ppo import (AdaptiveKL, PageMarks, PPOConfig, ValueHead, encode_pages, explained_variance, last_token,
-                      make_experience, outcome, ppo_update, replay_critic)
+from mmr5.ppo import (AdaptiveKL, PageMarks, PPOConfig, ValueHead, buffer_from_tensors, buffer_tensors, encode_pages,
+                      explained_variance, last_token, make_experience, outcome, ppo_update, replay_critic)
 from mmr5.rewards import fused_reward
 from mmr5.run import Run, add_config_flags, add_run_flags, config_from_args, parse_run_args
 from mmr5.runlog import read_metrics
@@ -133,7 +133,11 @@ def step_record(run: Run, cfg: PPOConfig, scores, parts, exp, out, stats, kl_ctl
 
 def banner(run: Run, cfg: PPOConfig, policy, params: list, n_train: int) -> str:
     kind = f"LoRA r{run.args.lora_rank}" if run.args.lora_rank else "full"
-    critic_kind = f" + {cfg.critic} critic" if cfg.advantage == "gae" else ""
+    critic_kind = ""
+    if cfg.advantage == "gae":
+        told = ", told the labels" if cfg.critic_labels else ""
+        replaying = f", replaying the last {cfg.critic_replay} rollouts" if cfg.critic_replay else ""
+        critic_kind = f" + {cfg.critic} critic{told}{replaying}"
     return (f"policy {run.args.model}: {policy.num_parameters() / 1e6:.2f}M parameters, "
             f"{sum(p.numel() for p in params) / 1e6:.2f}M trained ({kind}); {cfg.advantage}{critic_kind}; {n_train} "
             f"train / {len(run.evals)} eval; {cfg.steps} steps x {cfg.prompts_per_step} prompts x {cfg.samples} samples")
@@ -210,7 +214,8 @@ def main(argv=None):
     reduce = lambda x: distributed.all_sum(x, run.d)  # noqa: E731
     # FSDP forwards are collectives: every rank must decode as long as the longest one.
     keep_going = (lambda local: reduce(float(local)) > 0) if args.fsdp and run.d.world > 1 else None
-    replay = []  # the last --critic-replay rollouts' experience, for the critic's extra passes
+    # the last --critic-replay rollouts' experience, for the critic's extra passes; in checkpoints, per rank
+    replay = buffer_from_tensors(run.rank_state or {}, run.d.device)
     bar = tqdm(total=cfg.steps, initial=run.step, desc="ppo", unit="step", dynamic_ncols=True, disable=not run.main)
     while run.step < cfg.steps:
         t0 = time.time()
@@ -243,7 +248,8 @@ def main(argv=None):
             run.say(f"step {run.step}: {stats['skipped']} update(s) skipped: non-finite loss or gradient")
         bar.update(1)
         bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}", len=f"{record['response_length']:.0f}")
-        if not run.end_step(record, stats["skipped"] < stats["minibatches"], {"kl_coef": kl_ctl.value}):
+        if not run.end_step(record, stats["skipped"] < stats["minibatches"], {"kl_coef": kl_ctl.value},
+                            (lambda: buffer_tensors(replay)) if cfg.advantage == "gae" and cfg.critic_replay else None):
             break
     bar.close()
     finish(run, cfg)

@@ -4,12 +4,12 @@ Runs `train_ppo.py` with the built-in demo's settings from the full built-in SFT
 (`mmr5.synthetic.build_rl_demo`), once per advantage and seed, at equal samples (same steps, prompts and samples per
 step), each in its own folder under --out. Then prints held-out rerank reward, Recall@1 and format reward at every
 evaluation, against the step and the wall-clock seconds the run had spent in training steps by then, and the mean
-over seeds, and each PPO run's critic (median explained variance over its last 20 steps). `gae-replay` is PPO with
-`--critic-replay 3`; `gae-labels` PPO with `--critic-labels` (the critic is told which pages are relevant),
-`gae-labels-replay` with both; `reinforce` is PPO's objective with the critic taken out (`--advantage reinforce`):
-what the critic adds. Needs `python train_sft.py` first.
-Usage: python bench/ppo_vs_grpo.py [--seeds 0 1 2] [--steps 60] [--advantages gae grpo gae-replay gae-labels
-       gae-labels-replay reinforce]
+over seeds, and each PPO run's critic (median explained variance over its last 20 steps). `gae` is the default (since
+2026-12-05 its critic is told the labels and replays the last 3 rollouts); `gae-plain` the default before, neither;
+`gae-replay` replay alone, `gae-labels` labels alone; `reinforce` is PPO's objective with the critic taken out
+(`--advantage reinforce`): what the critic adds. Needs `python train_sft.py` first.
+Usage: python bench/ppo_vs_grpo.py [--seeds 0 1 2] [--steps 60] [--advantages gae grpo gae-plain gae-replay
+       gae-labels reinforce]
 """
 import argparse
 import json
@@ -26,9 +26,9 @@ from train_ppo import DEMO, DEMO_SFT  # noqa: E402
 
 # each setting compared: train_ppo.py flags on top of the demo's
 SETTINGS = {"gae": {"advantage": "gae"}, "grpo": {"advantage": "grpo"},
-            "gae-replay": {"advantage": "gae", "critic_replay": 3},
-            "gae-labels": {"advantage": "gae", "critic_labels": True},
-            "gae-labels-replay": {"advantage": "gae", "critic_labels": True, "critic_replay": 3},
+            "gae-plain": {"advantage": "gae", "critic_labels": False, "critic_replay": 0},
+            "gae-replay": {"advantage": "gae", "critic_labels": False, "critic_replay": 3},
+            "gae-labels": {"advantage": "gae", "critic_labels": True, "critic_replay": 0},
             "reinforce": {"advantage": "reinforce"}}
 
 
@@ -39,7 +39,8 @@ def run(setting: str, seed: int, out: Path, steps: int | None, rerun: bool) -> l
     paths = build_rl_demo(REPO / "runs" / "demo")
     flags = {**DEMO, "out": str(out), "seed": seed, **SETTINGS[setting], "eval_every": 10,
              **({"steps": steps} if steps else {})}
-    argv = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in flags.items()]
+    argv = [f"--{'no-' if v is False else ''}{k.replace('_', '-')}" + ("" if isinstance(v, bool) else f"={v}")
+            for k, v in flags.items()]
     argv += ["--model", str(REPO / DEMO_SFT / "model"), "--train", paths["train"], "--eval", paths["eval"], "--no-resume"]
     done = subprocess.run([sys.executable, str(REPO / "train_ppo.py"), *argv], capture_output=True, text=True)
     if done.returncode:
@@ -61,8 +62,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (sampling, data order)")
     p.add_argument("--advantages", nargs="+", default=["gae", "grpo"], choices=list(SETTINGS),
-                   help="settings to run (gae-replay: PPO with --critic-replay 3; gae-labels: with --critic-labels; "
-                        "gae-labels-replay: both; reinforce: PPO with no critic)")
+                   help="settings to run (gae: PPO as train_ppo.py's defaults, its critic told the labels and "
+                        "replaying; gae-plain: neither; gae-replay / gae-labels: one of them; reinforce: PPO with no "
+                        "critic)")
     p.add_argument("--steps", type=int, default=None, help="steps per run (default: the demo's)")
     p.add_argument("--out", default="runs/bench_ppo_vs_grpo", help="one folder per run under this")
     p.add_argument("--rerun", action="store_true", help="rerun finished runs (default: reuse their metrics)")

@@ -89,10 +89,25 @@ def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ten
                              options=StateDictOptions(full_state_dict=True, strict=False))
 
 
+def stage_rank_state(out_dir, rank: int, tensors: dict[str, torch.Tensor]):
+    """Each rank's own state (train_ppo: the critic's replay buffer) waits beside the checkpoints until rank 0's
+    `save_checkpoint(..., ranks=world)` moves it into the next one."""
+    root = Path(out_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, root / f".rank{rank}.safetensors")
+
+
+def load_rank_state(checkpoint, rank: int) -> dict[str, torch.Tensor] | None:
+    """What `stage_rank_state` saved for `rank` in this checkpoint, or None."""
+    path = Path(checkpoint) / f"rank{rank}.safetensors"
+    return load_file(path) if path.exists() else None
+
+
 def save_checkpoint(out_dir, step: int, weights: dict[str, torch.Tensor], optimizer_state: tuple[dict, dict],
-                    state: dict, keep: int = 1) -> Path:
+                    state: dict, keep: int = 1, ranks: int = 0) -> Path:
     """Write checkpoints/step-{step}/ completely, point `latest` at it, then delete all but the newest `keep`.
-    `optimizer_state` is `optimizer_tensors(model, optimizer)`. Call it on one process (rank 0)."""
+    `optimizer_state` is `optimizer_tensors(model, optimizer)`; `ranks` staged per-rank files move in with it. Call
+    it on one process (rank 0)."""
     root = Path(out_dir) / "checkpoints"
     name = f"step-{step:06d}"
     opt_tensors, opt_meta = optimizer_state
@@ -102,6 +117,8 @@ def save_checkpoint(out_dir, step: int, weights: dict[str, torch.Tensor], optimi
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         save_file(rng_tensors, tmp / "rng.safetensors")
         (tmp / "state.json").write_text(json.dumps({**state, "step": step, "optimizer": opt_meta, "rng": rng_meta}))
+        for r in range(ranks):
+            os.replace(root / f".rank{r}.safetensors", tmp / f"rank{r}.safetensors")
     pointer = root / "latest.tmp"
     pointer.write_text(name + "\n")
     with open(pointer) as f:
@@ -155,11 +172,12 @@ def resume_checkpoint(out_dir, args, run_identity: tuple[str, ...]):
     return loaded
 
 
-def write_checkpoint(out_dir, step: int, weights: dict, optimizer_state: tuple[dict, dict], state: dict):
+def write_checkpoint(out_dir, step: int, weights: dict, optimizer_state: tuple[dict, dict], state: dict,
+                     ranks: int = 0):
     """save_checkpoint for the scripts: a failed write (disk full, no permission) is one clear line, and the
     previous checkpoint is still there (the new one was being written under a temporary name)."""
     try:
-        save_checkpoint(out_dir, step, weights, optimizer_state, state)
+        save_checkpoint(out_dir, step, weights, optimizer_state, state, ranks=ranks)
     except OSError as e:
         latest = latest_checkpoint(out_dir)
         kept = f"the last complete checkpoint is {latest}" if latest else "no earlier checkpoint exists"

@@ -21,9 +21,10 @@ return-to-go of r_t, whitened over the batch (one baseline for the whole batch),
 Every forward over a rollout runs each prompt once and its group's responses on that prompt's KV cache
 (`shared_prompt_states`): the prompt is most of each sequence, and minibatches are whole groups.
 """
+import argparse
 import contextlib
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import nn
@@ -57,16 +58,17 @@ class PPOConfig:
                              "critic-free runs learned about as much per policy update as PPO with the critic, at "
                              "GRPO's cost a step: ahead of GRPO at step 10, level at 50)",
                              choices=["gae", "grpo", "reinforce"])
-    critic: str = setting("separate", "a value head on a separate copy of the starting model (a trunk of its own "
-                          "that learns to read: median explained variance 0.31-0.49 at the last token in 4 demo "
-                          "runs), or on the policy's detached states (shared: about 0 there, but no second model in "
-                          "memory)",
+    critic: str = setting("separate", "a value head on a separate copy of the starting model (a trunk of its own; "
+                          "with its defaults, the labels and replay, a median 0.36 / 0.83 of the demo's return "
+                          "variance explained over all tokens / at the last token, 3 seeds), or on the policy's "
+                          "detached states (shared: about 0 there, but no second model in memory)",
                           choices=["shared", "separate"])
-    critic_labels: bool = setting(False, "the separate critic is told which pages are relevant (PageMarks: a learned "
-                                  "mark on each page id of its input; the policy never sees them). The demo, 3 seeds: "
-                                  "median explained variance 0.26 / 0.47 (all / last token; the default 0.14 / 0.26), "
-                                  "with --critic-replay 3 0.45 / 0.88 (6 runs); the policy no better (held-out rerank "
-                                  "0.653 and 0.697 at step 50, the default 0.708)")
+    critic_labels: bool | None = setting(None, "the separate critic is told which pages are relevant (PageMarks: a "
+                                         "learned mark on each page id of its input; the policy never sees them; "
+                                         "default: on with --advantage gae and --critic separate). The demo, 3 "
+                                         "seeds, median explained variance all / last token: with the default "
+                                         "replay 0.36 / 0.83; without replay 0.26 / 0.47; with neither 0.14 / 0.26",
+                                         action=argparse.BooleanOptionalAction)
     score_baseline: str = setting("none", "gae: subtract from each score the mean score of its prompt's samples "
                                   "before GAE (group: the critic then predicts only how a response differs from its "
                                   "prompt's average, which it can read from the response)", choices=["none", "group"])
@@ -107,11 +109,13 @@ class PPOConfig:
                                  "ends at step ~6 while still ~0; the critic starts explaining from step ~9)")
     critic_warmup_patience: int = setting(5, "value pretraining ends after this many steps without a new best "
                                           "explained variance")
-    critic_replay: int = setting(0, "after each update the critic also takes one value-only pass over each of the "
-                                 "last N earlier rollouts (their returns, its values refreshed first; kept in memory, "
-                                 "not in checkpoints), as PPG's auxiliary phase does. The demo with 3 (3 seeds): "
-                                 "critic 0.21 / 0.35 median explained variance (all / last token) instead of 0.14 / "
-                                 "0.26, held-out rerank +0.05, each step 1.6x as long")
+    critic_replay: int | None = setting(None, "after each update the critic also takes one value-only pass over "
+                                        "each of the last N earlier rollouts (their returns, its values refreshed "
+                                        "first; kept in the checkpoints), as PPG's auxiliary phase does (default: 2 "
+                                        "with --critic separate, else 0). The demo with the labels, 3 seeds: 2 "
+                                        "explains 0.36 / 0.83 (all / last token), 3 0.35 / 0.89, 0 0.26 / 0.47; "
+                                        "held-out rerank at step 50 0.777, 0.718, 0.653; a step 1.4x, 1.6x, 1x",
+                                        type=int)
     grad_clip: float = setting(1.0, "clip the gradient norm (0 = off)")
 
     def __post_init__(self):
@@ -123,7 +127,10 @@ class PPOConfig:
         self.critic_lr = self.critic_lr if self.critic_lr is not None else 10 * self.lr
         if self.lr <= 0 or self.critic_lr <= 0 or self.temperature < 0 or self.kl_coef < 0 or self.clip <= 0:
             raise ValueError("--lr, --critic-lr and --clip must be positive, --temperature and --kl-coef non-negative")
-        if self.critic_labels and (self.advantage != "gae" or self.critic != "separate"):
+        separate = self.advantage == "gae" and self.critic == "separate"
+        self.critic_labels = separate if self.critic_labels is None else self.critic_labels
+        self.critic_replay = (2 if separate else 0) if self.critic_replay is None else self.critic_replay
+        if self.critic_labels and not separate:
             raise ValueError("--critic-labels needs --advantage gae and --critic separate (the policy must not see "
                              "the labels)")
         if self.critic_replay < 0:
@@ -649,3 +656,31 @@ def replay_critic(policy: Qwen2VL, buffer: list, optimizer: torch.optim.Optimize
                            generator=generator, forwards=forwards, reduce=reduce, world=world)
         losses.append(stats["value_loss"])
     return {"replay_value_loss": sum(losses) / len(losses)} if losses else {}
+
+
+def buffer_tensors(buffer: list) -> dict[str, torch.Tensor]:
+    """--critic-replay's rollouts as flat CPU tensors for a checkpoint, so a resumed run replays what the
+    uninterrupted one would have: `{i}.{field}` (lists as `{i}.{field}.{prompt}`)."""
+    out = {}
+    for i, exp in enumerate(buffer):
+        for f in fields(Experience):
+            value = getattr(exp, f.name)
+            if isinstance(value, list):
+                out.update({f"{i}.{f.name}.{p}": t for p, t in enumerate(value)})
+            elif value is not None:
+                out[f"{i}.{f.name}"] = torch.as_tensor(value)
+    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+
+def buffer_from_tensors(tensors: dict[str, torch.Tensor], device) -> list:
+    """The inverse of `buffer_tensors`; page features go to `device`, where `encode_pages` left them."""
+    buffer = []
+    while f"{len(buffer)}.prompt_len" in tensors:
+        i = len(buffer)
+        kw = {f.name: tensors.get(f"{i}.{f.name}") for f in fields(Experience)}
+        kw["prompt_len"] = int(kw["prompt_len"])
+        for name in ("features", "grids"):
+            kw[name] = [tensors[f"{i}.{name}.{p}"] for p in range(len(kw["prompt_ids"]))]
+        kw["features"] = [t.to(device) for t in kw["features"]]
+        buffer.append(Experience(**kw))
+    return buffer

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from mmr5 import distributed
-from mmr5.checkpoint import (check_output_folder, load_optimizer, optimizer_tensors, resume_checkpoint, set_rng_state,
-                             write_checkpoint)
+from mmr5.checkpoint import (check_output_folder, latest_checkpoint, load_optimizer, load_rank_state, optimizer_tensors,
+                             resume_checkpoint, set_rng_state, stage_rank_state, write_checkpoint)
 from mmr5.data import DataError, read_samples
 from mmr5.lora import add_lora, merge_lora
 from mmr5.metrics import evaluation_records
@@ -68,7 +68,8 @@ def add_config_flags(group, config_class):
     """One flag per dataclass field, its default, type, choices and help read from the field."""
     for f in dataclasses.fields(config_class):
         extra = {k: v for k, v in f.metadata.items() if k != "help"}
-        kind = {"action": argparse.BooleanOptionalAction} if isinstance(f.default, bool) else {"type": type(f.default)}
+        boolean = isinstance(f.default, bool) or "action" in extra
+        kind = {"action": argparse.BooleanOptionalAction} if boolean else {"type": type(f.default)}
         group.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=f.metadata["help"],
                            **{**kind, **extra})
 
@@ -122,6 +123,7 @@ class Run:
         self.autocast = torch.autocast(self.d.device.split(":")[0], dtype=torch.bfloat16, enabled=self.bf16)
         self.models, self.optimizer, self.processor, self.evals, self.eval_batch_size = {}, None, None, [], 16
         self.step, self.state, self.stop = 0, {"eval_before": None, "bad_steps": 0}, None
+        self.rank_state = None  # this rank's own tensors from the checkpoint resumed (train_ppo: its replay buffer)
 
     def say(self, *a, **k):
         if self.main:
@@ -189,6 +191,7 @@ class Run:
             load_optimizer(torch.nn.ModuleDict(models), optimizer, opt_tensors, self.state["optimizer"])
             set_rng_state(rng, self.state["rng"])
             self.step = self.state["step"]
+            self.rank_state = self.resume_rank_state()
             if self.step >= total and (self.out / "summary.json").exists():
                 self.say(f"{self.out} already holds a finished run; --no-resume starts it over")
                 distributed.cleanup(self.d)
@@ -233,9 +236,9 @@ class Run:
             plot_curves(read_metrics(self.out / "metrics.jsonl"), self.curves, self.out / "curve.png",
                         title=f"{self.script}  {self.out}")
 
-    def end_step(self, record: dict | None, finite: bool, extra_state: dict | None = None) -> bool:
+    def end_step(self, record: dict | None, finite: bool, extra_state: dict | None = None, rank_state=None) -> bool:
         """After step `self.step` (already advanced): log, count non-finite steps, evaluate and checkpoint on
-        schedule or on Ctrl-C. -> whether to go on."""
+        schedule or on Ctrl-C (`rank_state()`: this rank's own tensors for it). -> whether to go on."""
         a = self.args
         self.state["bad_steps"] = 0 if finite else self.state["bad_steps"] + 1
         if self.evals and a.eval_every and self.step % a.eval_every == 0 and self.step < self.total:
@@ -249,18 +252,36 @@ class Run:
         stopping = distributed.all_sum(float(self.stop.requested), self.d) > 0  # every rank stops at the same step
         if self.step % a.save_every == 0 or self.step == self.total or stopping:
             self.state.update(extra_state or {})
-            self.save()
+            self.save(rank_state() if rank_state else None)
         if stopping and self.step < self.total:
             self.say(f"stopped at step {self.step}/{self.total}; checkpoint saved in {self.out / 'checkpoints'}; "
                      "run again to resume")
         return not stopping and self.step < self.total
 
-    def save(self):
+    def resume_rank_state(self) -> dict | None:
+        """This rank's tensors in the checkpoint resumed from; None on every rank unless every rank has its own (a
+        run resumed with another number of ranks starts that state afresh)."""
+        ckpt = latest_checkpoint(self.out)
+        saved_world = self.state.get("world", 1)
+        tensors = load_rank_state(ckpt, self.d.rank) if saved_world == self.d.world else None
+        if distributed.all_sum(float(tensors is not None), self.d) == self.d.world:
+            return tensors
+        if any(ckpt.glob("rank*.safetensors")):
+            self.say(f"{ckpt.name} was saved by {saved_world} rank(s), this run has {self.d.world}: each rank's own "
+                     "state in it (train_ppo: the critic's replay buffer) starts afresh")
+        return None
+
+    def save(self, rank_tensors: dict | None = None):
         weights = self.trained()
         opt_state = optimizer_tensors(torch.nn.ModuleDict(self.models), self.optimizer)  # collectives: every rank
+        if rank_tensors is not None:
+            stage_rank_state(self.out, self.d.rank, rank_tensors)
+            distributed.barrier(self.d)  # every rank's file is staged before rank 0 moves them in
         if self.main:
             keep = {k: v for k, v in self.state.items() if k not in ("optimizer", "rng", "step")}
-            write_checkpoint(self.out, self.step, weights, opt_state, {**keep, "args": vars(self.args)})
+            write_checkpoint(self.out, self.step, weights, opt_state, {**keep, "args": vars(self.args),
+                                                                       "world": self.d.world},
+                             ranks=self.d.world if rank_tensors is not None else 0)
         distributed.barrier(self.d)
 
     def finish(self, final: str = None, summary=None):

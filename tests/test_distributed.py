@@ -100,17 +100,25 @@ def test_two_ranks_train_like_one_process(tiny_model_dirs, data, single_run, tmp
 def test_ppo_script_on_two_ranks(tiny_model_dirs, data, tmp_path, fsdp):
     """train_ppo.py under torchrun with a GPU recipe's settings (LoRA, bf16 autocast) and no eval set, so that its
     first forward is the vision tower alone (FSDP2 took the tower for its root and refused the model), and
-    checkpoints every step (the optimizer state gathered from the shards); the critic with page marks, which FSDP
-    must have gathered when its forward adds them."""
+    checkpoints every step (the optimizer state gathered from the shards, each rank's replay buffer its own file);
+    the critic with page marks (the default), which FSDP must have gathered when its forward adds them. Resumed by
+    one process, the run goes on with its replay buffer started afresh."""
     out = tmp_path / "ppo"
     args = ["--model", str(tiny_model_dirs["qwen2_5_vl"]), "--train", str(data / "train.jsonl"), "--out", str(out),
             "--steps", "2", "--prompts-per-step", "2", "--samples", "2", "--max-new-tokens", "8", "--minibatch-size",
-            "2", "--micro-batch-size", "1", "--save-every", "1", "--lora-rank", "4", "--bf16", "on", "--critic-labels"]
+            "2", "--micro-batch-size", "1", "--save-every", "1", "--lora-rank", "4", "--bf16", "on"]
     log = finish(launch(2, args + (["--fsdp"] if fsdp else []), script="train_ppo.py"))
     assert f"2 ranks ({'FSDP2' if fsdp else 'DDP'})" in log
     steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "reward" in r]
     assert [r["step"] for r in steps] == [1, 2] and all(r["skipped"] == 0 for r in steps)
     assert (out / "model" / "model.safetensors").exists() and Qwen2VL.from_pretrained(out / "model") is not None
+    ckpt = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    assert sorted(p.name for p in ckpt.glob("rank*")) == ["rank0.safetensors", "rank1.safetensors"]
+    log = finish(launch(1, args[:args.index("--steps") + 1] + ["3"] + args[args.index("--steps") + 2:],
+                        script="train_ppo.py"))
+    assert "saved by 2 rank(s), this run has 1" in log and "resuming" in log
+    steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "reward" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3] and "replay_value_loss" not in steps[-1]
 
 
 @pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])

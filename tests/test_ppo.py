@@ -12,9 +12,10 @@ from conftest import page_images
 
 from mmr5.lora import add_lora
 from mmr5.model import Qwen2VL
-from mmr5.ppo import (AdaptiveKL, PageMarks, PPOConfig, ValueHead, encode_pages, explained_variance, gae, group_advantages,
-                      kl_estimate, last_token, make_experience, masked_mean, masked_whiten, outcome, policy_loss, ppo_update,
-                      replay_critic, response_forward, sequence_mean, value_loss)
+from mmr5.ppo import (AdaptiveKL, Experience, PageMarks, PPOConfig, ValueHead, buffer_from_tensors, buffer_tensors,
+                      encode_pages, explained_variance, gae, group_advantages, kl_estimate, last_token, make_experience,
+                      masked_mean, masked_whiten, outcome, policy_loss, ppo_update, replay_critic, response_forward,
+                      sequence_mean, value_loss)
 from mmr5.processor import Processor
 from mmr5.sampler import generate
 from mmr5.weights import canonical_key
@@ -314,6 +315,40 @@ def test_critic_replay_trains_the_critic_on_earlier_rollouts(rollout_setup):
     assert replay_critic(policy, [], opt, params, cfg, critic) == {}
     with pytest.raises(ValueError, match="critic-replay"):
         PPOConfig(critic_replay=-1)
+
+
+def test_replay_buffer_survives_a_checkpoint_bit_for_bit(rollout_setup):
+    """--critic-replay's rollouts go into checkpoints as flat tensors and come back exactly, dtypes and all."""
+    _, path, batch, pages, rollout = rollout_setup
+    policy, critic, params, opt = policy_and_critic(path, lr=3e-3)
+    cfg = PPOConfig(epochs=1, minibatch_size=2, micro_batch_size=1)
+    exps = [make_experience(policy, batch, pages, rollout, torch.tensor(s), 2, cfg, 0.0, critic=critic,
+                            reference=policy) for s in ([1.0, 0.0, 0.5, 0.2], [0.0, 1.0, 0.2, 0.5])]
+    tensors = buffer_tensors(exps)
+    assert all(t.device.type == "cpu" for t in tensors.values())
+    restored = buffer_from_tensors(tensors, policy.device)
+    assert len(restored) == 2 and buffer_from_tensors({}, policy.device) == []
+    for a, b in zip(exps, restored):
+        for f in dataclasses.fields(Experience):
+            x, y = getattr(a, f.name), getattr(b, f.name)
+            if isinstance(x, list):
+                assert len(x) == len(y) and all(torch.equal(u, v) and u.dtype == v.dtype for u, v in zip(x, y))
+            elif isinstance(x, torch.Tensor):
+                assert torch.equal(x, y) and x.dtype == y.dtype, f.name
+            else:
+                assert x == y, f.name
+
+
+def test_a_separate_critic_is_told_the_labels_and_replays_by_default():
+    """The settings that made the demo's critic learn (bench/README.md) are what `--advantage gae` gives; they have
+    no meaning without a separate critic, where labels would reach the policy."""
+    assert (PPOConfig().critic_labels, PPOConfig().critic_replay) == (True, 2)
+    for kw in ({"critic": "shared"}, {"advantage": "grpo"}, {"advantage": "reinforce"}):
+        assert (PPOConfig(**kw).critic_labels, PPOConfig(**kw).critic_replay) == (False, 0)
+    assert PPOConfig(critic_labels=False, critic_replay=0).critic_labels is False
+    assert PPOConfig(critic="shared", critic_replay=2).critic_replay == 2
+    with pytest.raises(ValueError, match="critic-labels"):
+        PPOConfig(critic="shared", critic_labels=True)
 
 
 def test_forward_skips_the_padding_its_rows_do_not_use(rollout_setup):

@@ -42,7 +42,9 @@ def metrics(out):
                                    ["--advantage", "reinforce"],
                                    ["--advantage", "gae", "--critic", "separate", "--lora-rank", "4",
                                     "--target-kl", "0.1", "--critic-warmup", "1", "--critic-replay", "2"],
-                                   ["--advantage", "gae", "--critic-labels", "--critic-warmup", "1"],
+                                   ["--advantage", "gae", "--no-critic-labels", "--critic-replay", "0",
+                                    "--critic-warmup", "1"],
+                                   ["--advantage", "gae", "--critic", "shared"],
                                    # a GPU recipe's settings (bf16 autocast is the CUDA default), here on the CPU
                                    ["--advantage", "gae", "--bf16", "on", "--lora-rank", "4", "--grad-checkpointing"]])
 def test_runs_end_to_end(tiny_model_dirs, ppo_data, tmp_path, extra):
@@ -55,9 +57,12 @@ def test_runs_end_to_end(tiny_model_dirs, ppo_data, tmp_path, extra):
     assert all(r["skipped"] == 0 and math.isfinite(r["kl"]) for r in steps)
     assert all(("value_loss" in r) == ("gae" in extra) and ("explained_variance" in r) == ("gae" in extra)
                for r in steps)
+    # a separate critic (the default) is told the labels and replays earlier rollouts unless told otherwise
+    separate = "gae" in extra and "shared" not in extra
+    labels, replays = separate and "--no-critic-labels" not in extra, separate and "0" not in extra
     if "gae" in extra:
         replayed = [("replay_value_loss" in r) for r in steps]  # from step 2 on: step 1 has no earlier rollout
-        assert replayed == ([False, True, True, True] if "--critic-replay" in extra else [False] * 4)
+        assert replayed == ([False, True, True, True] if replays else [False] * 4)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval_before"] and summary["eval_after"]
     if "gae" in extra:  # the critic's medians over the last 20 logged steps (all 4 here), as metrics.jsonl has them
@@ -70,7 +75,7 @@ def test_runs_end_to_end(tiny_model_dirs, ppo_data, tmp_path, extra):
     assert (out / "model" / "config.json").exists() and (out / "curve.png").exists()
     weights = load_file(next((out / "checkpoints").glob("step-*")) / "weights.safetensors")
     marks = weights.get("critic.page_marks.vectors")  # trained with the critic, kept in its checkpoints
-    assert (marks is not None and marks.abs().sum() > 0) == ("--critic-labels" in extra)
+    assert (marks is not None and marks.abs().sum() > 0) == labels
     assert not any("page_marks" in k for k in load_file(out / "model" / "model.safetensors"))
     # The vision tower is frozen: the saved one is the base's to the bit (also when a LoRA base sat in bf16)
     vision = lambda path: {k.split("visual.")[1]: v for k, v in load_file(path).items() if "visual." in k}  # noqa: E731
@@ -90,13 +95,20 @@ def test_critic_summary_is_the_median_of_the_last_20_logged_values(tmp_path):
                                                               "explained_variance_last": None}
 
 
-@pytest.mark.parametrize("extra", [[], ["--critic-labels"]])
+@pytest.mark.parametrize("extra", [[], ["--no-critic-labels", "--critic-replay", "0"]])
 def test_resume_reproduces_the_uninterrupted_run(tiny_model_dirs, ppo_data, tmp_path, monkeypatch, extra):
+    """Also the critic's replay buffer (the default): the checkpoint holds it, so step 3 replays steps 1-2's rollouts
+    as the uninterrupted run does."""
     model = tiny_model_dirs["qwen2_vl"]
     train_ppo.main(args(model, ppo_data, tmp_path / "full", *extra))
     real = interrupt_at_step(monkeypatch, train_ppo, 2)
     train_ppo.main(args(model, ppo_data, tmp_path / "resumed", *extra))
     assert [r["step"] for r in metrics(tmp_path / "resumed")] == [1, 2]
+    saved = next((tmp_path / "resumed" / "checkpoints").glob("step-*")) / "rank0.safetensors"
+    if extra:
+        assert not saved.exists()
+    else:  # the rollouts of steps 1 and 2
+        assert sorted({k.split(".")[0] for k in load_file(saved)}) == ["0", "1"]
     monkeypatch.setattr(train_ppo, "sample_order", real)
     train_ppo.main(args(model, ppo_data, tmp_path / "resumed", *extra))
     drop = ("step_s", "tokens_per_s")
