@@ -100,7 +100,10 @@ def stage_rank_state(out_dir, rank: int, tensors: dict[str, torch.Tensor]):
 def load_rank_state(checkpoint, rank: int) -> dict[str, torch.Tensor] | None:
     """What `stage_rank_state` saved for `rank` in this checkpoint, or None."""
     path = Path(checkpoint) / f"rank{rank}.safetensors"
-    return load_file(path) if path.exists() else None
+    try:
+        return load_file(path) if path.exists() else None
+    except (SafetensorError, OSError) as e:
+        raise SystemExit(f"error: checkpoint {path} is corrupt ({e}); delete the checkpoint to start over") from None
 
 
 def save_checkpoint(out_dir, step: int, weights: dict[str, torch.Tensor], optimizer_state: tuple[dict, dict],

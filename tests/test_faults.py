@@ -157,3 +157,15 @@ def test_nan_reward_is_skipped_and_the_run_finishes(tiny_model_dirs, data, tmp_p
     assert (out / "model" / "config.json").exists()
     weights = Qwen2VL.from_pretrained(out / "model").state_dict()
     assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_corrupt_replay_buffer_is_one_line(tiny_model_dirs, data, tmp_path):
+    """The critic's replay buffer (each rank's file in a PPO checkpoint) damaged on disk: one clear line on resume."""
+    ppo = lambda steps: ["--model", str(tiny_model_dirs["qwen2_vl"]), "--train", str(data / "train.jsonl"),  # noqa
+                         "--out", str(tmp_path / "ppo"), "--steps", str(steps), "--prompts-per-step", "2",
+                         "--samples", "2", "--max-new-tokens", "6", "--minibatch-size", "4", "--micro-batch-size", "2"]
+    train_ppo.main(ppo(2))
+    buffer = latest_checkpoint(tmp_path / "ppo") / "rank0.safetensors"
+    buffer.write_bytes(buffer.read_bytes()[:100])
+    with pytest.raises(SystemExit, match="rank0.safetensors is corrupt"):
+        train_ppo.main(ppo(3))
