@@ -161,7 +161,7 @@ def main():
                  "lam": lam}
         argv = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
         argv += ["--model", str(REPO / train_ppo.DEMO_SFT / "model"), "--train", paths["train"], "--eval",
-                 paths["eval"], "--no-resume"]
+                 paths["eval"], "--no-resume", "--no-critic-labels"]  # the marks here are this harness's own
         subprocess.run([sys.executable, __file__, "--reader", args.reader, "--marks", args.marks, "--reading",
                         args.reading, "--run", *argv], check=True, stdout=subprocess.DEVNULL)
         summary = json.loads((out / "summary.json").read_text())

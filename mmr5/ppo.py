@@ -59,15 +59,16 @@ class PPOConfig:
                              "GRPO's cost a step: ahead of GRPO at step 10, level at 50)",
                              choices=["gae", "grpo", "reinforce"])
     critic: str = setting("separate", "a value head on a separate copy of the starting model (a trunk of its own; "
-                          "with its defaults, the labels and replay, a median 0.36 / 0.83 of the demo's return "
-                          "variance explained over all tokens / at the last token, 3 seeds), or on the policy's "
+                          "with its defaults, the labels and replay, a median 0.37 / 0.78 of the demo's return "
+                          "variance explained over all tokens / at the last token, 6 seeds), or on the policy's "
                           "detached states (shared: about 0 there, but no second model in memory)",
                           choices=["shared", "separate"])
     critic_labels: bool | None = setting(None, "the separate critic is told which pages are relevant (PageMarks: a "
                                          "learned mark on each page id of its input; the policy never sees them; "
-                                         "default: on with --advantage gae and --critic separate). The demo, 3 "
-                                         "seeds, median explained variance all / last token: with the default "
-                                         "replay 0.36 / 0.83; without replay 0.26 / 0.47; with neither 0.14 / 0.26",
+                                         "default: on with --advantage gae and --critic separate). The demo, "
+                                         "median explained variance all / last token: with the default replay "
+                                         "0.37 / 0.78 (6 seeds); without replay 0.26 / 0.47 (3); with neither 0.14 "
+                                         "/ 0.24 (6)",
                                          action=argparse.BooleanOptionalAction)
     score_baseline: str = setting("none", "gae: subtract from each score the mean score of its prompt's samples "
                                   "before GAE (group: the critic then predicts only how a response differs from its "
@@ -112,9 +113,9 @@ class PPOConfig:
     critic_replay: int | None = setting(None, "after each update the critic also takes one value-only pass over "
                                         "each of the last N earlier rollouts (their returns, its values refreshed "
                                         "first; kept in the checkpoints), as PPG's auxiliary phase does (default: 2 "
-                                        "with --critic separate, else 0). The demo with the labels, 3 seeds: 2 "
-                                        "explains 0.36 / 0.83 (all / last token), 3 0.35 / 0.89, 0 0.26 / 0.47; "
-                                        "held-out rerank at step 50 0.777, 0.718, 0.653; a step 1.4x, 1.6x, 1x",
+                                        "with --critic separate, else 0). The demo with the labels: 2 explains 0.37 "
+                                        "/ 0.78 (all / last token; 6 seeds), 3 0.35 / 0.89, 0 0.26 / 0.47 (3 seeds "
+                                        "each); held-out rerank at step 50 0.724, 0.718, 0.653; a step 1.4x, 1.6x, 1x",
                                         type=int)
     grad_clip: float = setting(1.0, "clip the gradient norm (0 = off)")
 
