@@ -191,19 +191,25 @@ def finish(run: Run, cfg: PPOConfig):
               f"0: no better than a constant)")
 
 
-def main(argv=None):
-    args, cfg, demo = parse_args(argv)
-    run = Run(args, "train_ppo.py", RUN_IDENTITY, CURVES)
+def training_prompts(run: Run, cfg: PPOConfig, demo: bool) -> list:
+    """The RL prompts with a relevant page among their candidates (the demo's built first), checked for the ranks."""
     if demo:
         if run.main:
-            demo_inputs(args)
+            demo_inputs(run.args)
         distributed.barrier(run.d)
-        demo_inputs(args)
+        demo_inputs(run.args)
     if cfg.prompts_per_step % run.d.world:
         sys.exit(f"error: --prompts-per-step ({cfg.prompts_per_step}) must be a multiple of the {run.d.world} ranks")
     train = [s for s in run.load_data() if s.positives]  # no relevant page among the candidates: no rerank signal
     if not train:
-        sys.exit(f"error: {args.train} has no sample with a positive among its candidates")
+        sys.exit(f"error: {run.args.train} has no sample with a positive among its candidates")
+    return train
+
+
+def main(argv=None):
+    args, cfg, demo = parse_args(argv)
+    run = Run(args, "train_ppo.py", RUN_IDENTITY, CURVES)
+    train = training_prompts(run, cfg, demo)
     models, reference, forwards, params, optimizer = build_models(run, cfg)
     policy, critic = models["policy"], models.get("critic")
     cfg.minibatch_size = max(1, cfg.minibatch_size // run.d.world)  # each rank's share of an optimizer step
@@ -215,6 +221,7 @@ def main(argv=None):
     # FSDP forwards are collectives: every rank must decode as long as the longest one.
     keep_going = (lambda local: reduce(float(local)) > 0) if args.fsdp and run.d.world > 1 else None
     # the last --critic-replay rollouts' experience, for the critic's extra passes; in checkpoints, per rank
+    replaying = cfg.advantage == "gae" and cfg.critic_replay > 0
     replay = buffer_from_tensors(run.rank_state or {}, run.d.device)
     bar = tqdm(total=cfg.steps, initial=run.step, desc="ppo", unit="step", dynamic_ncols=True, disable=not run.main)
     while run.step < cfg.steps:
@@ -235,7 +242,7 @@ def main(argv=None):
             generator = torch.Generator().manual_seed(args.seed * 7919 + run.step * 1009 + run.d.rank)
             stats = ppo_update(policy, exp, optimizer, params, cfg, kl_ctl.value, critic, value_only=warming,
                                generator=generator, forwards=forwards, reduce=reduce, world=run.d.world)
-            if cfg.advantage == "gae" and cfg.critic_replay:
+            if replaying:
                 stats.update(replay_critic(policy, replay, optimizer, params, cfg, critic, generator, forwards,
                                            reduce, run.d.world))
                 replay = (replay + [exp])[-cfg.critic_replay:]
@@ -249,7 +256,7 @@ def main(argv=None):
         bar.update(1)
         bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}", len=f"{record['response_length']:.0f}")
         if not run.end_step(record, stats["skipped"] < stats["minibatches"], {"kl_coef": kl_ctl.value},
-                            (lambda: buffer_tensors(replay)) if cfg.advantage == "gae" and cfg.critic_replay else None):
+                            (lambda: buffer_tensors(replay)) if replaying else None):
             break
     bar.close()
     finish(run, cfg)
