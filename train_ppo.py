@@ -13,6 +13,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -32,8 +33,9 @@ DEMO = dict(out="runs/demo/ppo", steps=50, prompts_per_step=24, samples=4, lr=1e
             eval_every=25, eval_max_new_tokens=128, save_every=5, minibatch_size=24, micro_batch_size=16,
             lam=1.0)
 DEMO_SFT = "runs/demo/sft"
+GREEDY_BINS = 20  # --critic-greedy: the greedy reward in 20 bins of [0, max reward] (0.1 wide on the demo)
 RUN_IDENTITY = ("model", "train", "prompts_per_step", "samples", "lora_rank", "lora_alpha", "lora_targets", "critic",
-                "critic_labels", "advantage", "seed")
+                "critic_labels", "critic_greedy", "advantage", "seed")
 CURVES = ["reward", "rerank", "format", "kl", "value_loss", "explained_variance", "explained_variance_last",
           "eval_rerank", "eval_recall@1"]
 
@@ -74,8 +76,9 @@ def build_models(run: Run, cfg: PPOConfig):
     critic = run.load_model(freeze_vision=True) if cfg.advantage == "gae" and cfg.critic == "separate" else None
     if cfg.advantage == "gae":
         (critic or policy).value_head = ValueHead(policy.config.text.hidden_size).to(run.d.device)
-    if cfg.critic_labels:
-        critic.page_marks = PageMarks(policy.config.text.hidden_size, run.processor.token_texts()).to(run.d.device)
+    if cfg.critic_labels or cfg.critic_greedy:
+        critic.page_marks = PageMarks(policy.config.text.hidden_size, run.processor.token_texts(),
+                                      GREEDY_BINS if cfg.critic_greedy else 0).to(run.d.device)
     models = {"policy": policy, **({"critic": critic} if critic is not None else {})}
     forwards = {}
     for name, m in models.items():
@@ -92,15 +95,22 @@ def build_models(run: Run, cfg: PPOConfig):
 
 def rollout(run: Run, cfg: PPOConfig, policy, samples: list, step: int, keep_going):
     """`cfg.samples` responses per prompt from the current policy; its pages encoded once and shared by every forward
-    over this rollout. -> (prompt batch, pages, rollout)."""
+    over this rollout. With --critic-greedy also its greedy response to each prompt, scored for the critic. -> (prompt
+    batch, pages, rollout, each prompt's greedy reward or None)."""
     batch = run.processor.rerank_inputs([s.query for s in samples], [s.images for s in samples])
     policy.eval()
     gen = torch.Generator(run.d.device).manual_seed(run.args.seed * 1_000_003 + step * 1009 + run.d.rank)
+    greedy = None
     with run.autocast:
         pages = encode_pages(policy, batch)
+        features = torch.cat(pages[0])
         out = generate(policy, run.processor, batch, cfg.max_new_tokens, temperature=cfg.temperature, n=cfg.samples,
-                       generator=gen, keep_going=keep_going, image_features=torch.cat(pages[0]))
-    return batch, pages, out
+                       generator=gen, keep_going=keep_going, image_features=features)
+        if cfg.critic_greedy:
+            best = generate(policy, run.processor, batch, cfg.max_new_tokens, temperature=0.0,
+                            keep_going=keep_going, image_features=features)
+            greedy = score(best.texts, samples, replace(cfg, samples=1))[0]
+    return batch, pages, out, greedy
 
 
 def score(texts: list[str], samples: list, cfg: PPOConfig) -> tuple[torch.Tensor, list[dict]]:
@@ -135,7 +145,9 @@ def banner(run: Run, cfg: PPOConfig, policy, params: list, n_train: int) -> str:
     kind = f"LoRA r{run.args.lora_rank}" if run.args.lora_rank else "full"
     critic_kind = ""
     if cfg.advantage == "gae":
-        told = ", told the labels" if cfg.critic_labels else ""
+        told = [what for what, on in (("the labels", cfg.critic_labels),
+                                      ("the greedy answer's reward", cfg.critic_greedy)) if on]
+        told = f", told {' and '.join(told)}" if told else ""
         replaying = f", replaying the last {cfg.critic_replay} rollouts" if cfg.critic_replay else ""
         critic_kind = f" + {cfg.critic} critic{told}{replaying}"
     return (f"policy {run.args.model}: {policy.num_parameters() / 1e6:.2f}M parameters, "
@@ -228,7 +240,7 @@ def main(argv=None):
         t0 = time.time()
         samples = [train[i] for i in distributed.shard(sample_order(len(train), cfg.prompts_per_step, run.step,
                                                                     args.seed), run.d)]
-        batch, pages, out = rollout(run, cfg, policy, samples, run.step, keep_going)
+        batch, pages, out, greedy = rollout(run, cfg, policy, samples, run.step, keep_going)
         warming = cfg.advantage == "gae" and run.step < cfg.critic_warmup and not run.state.get("warmup_over")
         t_rollout = time.time() - t0
         scores, parts = score(out.texts, samples, cfg)
@@ -236,7 +248,7 @@ def main(argv=None):
             start_critic(cfg, (critic or policy).value_head, scores, reduce)
         with run.autocast:
             exp = make_experience(policy, batch, pages, out, scores, cfg.samples, cfg, kl_ctl.value, critic,
-                                  reference, reduce, relevant=[set(s.positives) for s in samples])
+                                  reference, reduce, relevant=[set(s.positives) for s in samples], greedy=greedy)
             for m in models.values():
                 m.train()
             generator = torch.Generator().manual_seed(args.seed * 7919 + run.step * 1009 + run.d.rank)

@@ -86,7 +86,7 @@ def patch_train_ppo(reader: str, marks: str, reading_kind: str):
         return critic
 
     def rollout_and_read(run, cfg, policy, samples, step, keep_going):
-        batch, pages, out = rollout(run, cfg, policy, samples, step, keep_going)
+        batch, pages, out, greedy = rollout(run, cfg, policy, samples, step, keep_going)
         with torch.no_grad(), run.autocast:
             own = generate(state["writer"], run.processor, batch, cfg.max_new_tokens, temperature=0.0,
                            image_features=torch.cat(pages[0]))
@@ -107,7 +107,7 @@ def patch_train_ppo(reader: str, marks: str, reading_kind: str):
         state["reading"] = reading
         run.say(f"step {step}: the reader's reading is right for {right} of {len(samples)} prompts "
                 f"({'exactly' if reading_kind == 'relevant' else 'its first listed page'})")
-        return batch, pages, out
+        return batch, pages, out, greedy
 
     def forward_with_marks(model, exp, rows, *args, **kwargs):
         if model is not state.get("critic"):
@@ -161,7 +161,8 @@ def main():
                  "lam": lam}
         argv = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
         argv += ["--model", str(REPO / train_ppo.DEMO_SFT / "model"), "--train", paths["train"], "--eval",
-                 paths["eval"], "--no-resume", "--no-critic-labels"]  # the marks here are this harness's own
+                 paths["eval"], "--no-resume", "--no-critic-labels",
+                 "--no-critic-greedy"]  # the marks here are this harness's own
         subprocess.run([sys.executable, __file__, "--reader", args.reader, "--marks", args.marks, "--reading",
                         args.reading, "--run", *argv], check=True, stdout=subprocess.DEVNULL)
         summary = json.loads((out / "summary.json").read_text())

@@ -59,16 +59,26 @@ class PPOConfig:
                              "GRPO's cost a step: ahead of GRPO at step 10, level at 50)",
                              choices=["gae", "grpo", "reinforce"])
     critic: str = setting("separate", "a value head on a separate copy of the starting model (a trunk of its own; "
-                          "with its defaults, the labels and replay, a median 0.37 / 0.78 of the demo's return "
-                          "variance explained over all tokens / at the last token, 6 seeds), or on the policy's "
-                          "detached states (shared: about 0 there, but no second model in memory)",
+                          "with its defaults, told the labels and the greedy answer's reward, replaying, a median "
+                          "0.65 / 0.78 of the demo's return variance explained over all tokens / at the last token, 3 "
+                          "seeds), or on the policy's detached states (shared: about 0 there, but no second model in "
+                          "memory)",
                           choices=["shared", "separate"])
     critic_labels: bool | None = setting(None, "the separate critic is told which pages are relevant (PageMarks: a "
                                          "learned mark on each page id of its input; the policy never sees them; "
-                                         "default: on with --advantage gae and --critic separate). The demo, "
-                                         "median explained variance all / last token: with the default replay "
-                                         "0.37 / 0.78 (6 seeds); without replay 0.26 / 0.47 (3); with neither 0.14 "
-                                         "/ 0.24 (6)",
+                                         "default: on with --advantage gae and --critic separate). The demo "
+                                         "without --critic-greedy, median explained variance all / last token: "
+                                         "with the default replay 0.37 / 0.78 (6 seeds); without replay 0.26 / "
+                                         "0.47 (3); with neither 0.14 / 0.24 (6)",
+                                         action=argparse.BooleanOptionalAction)
+    critic_greedy: bool | None = setting(None, "the separate critic is also told the fused reward of the current "
+                                         "policy's greedy response to each prompt (one greedy generation per prompt "
+                                         "and step, a rollout from the prompt as VinePPO's values are; a function of "
+                                         "the prompt and the policy alone, so the baseline stays unbiased; default: "
+                                         "on with --advantage gae and --critic separate). The demo, median explained "
+                                         "variance all / last token: 0.65 / 0.78 (3 seeds; without it 0.37 / 0.78, 6), "
+                                         "held-out rerank at step 50 0.650 (0.724 without: a critic this good "
+                                         "leaves the near-deterministic demo policy GRPO's per-prompt signal)",
                                          action=argparse.BooleanOptionalAction)
     score_baseline: str = setting("none", "gae: subtract from each score the mean score of its prompt's samples "
                                   "before GAE (group: the critic then predicts only how a response differs from its "
@@ -115,7 +125,8 @@ class PPOConfig:
                                         "first; kept in the checkpoints), as PPG's auxiliary phase does (default: 2 "
                                         "with --critic separate, else 0). The demo with the labels: 2 explains 0.37 "
                                         "/ 0.78 (all / last token; 6 seeds), 3 0.35 / 0.89, 0 0.26 / 0.47 (3 seeds "
-                                        "each); held-out rerank at step 50 0.724, 0.718, 0.653; a step 1.4x, 1.6x, 1x",
+                                        "each; without --critic-greedy); held-out rerank at step 50 0.724, 0.718, "
+                                        "0.653; a step 1.4x, 1.6x, 1x",
                                         type=int)
     grad_clip: float = setting(1.0, "clip the gradient norm (0 = off)")
 
@@ -130,6 +141,9 @@ class PPOConfig:
             raise ValueError("--lr, --critic-lr and --clip must be positive, --temperature and --kl-coef non-negative")
         separate = self.advantage == "gae" and self.critic == "separate"
         self.critic_labels = separate if self.critic_labels is None else self.critic_labels
+        self.critic_greedy = separate if self.critic_greedy is None else self.critic_greedy
+        if self.critic_greedy and not separate:
+            raise ValueError("--critic-greedy needs --advantage gae and --critic separate")
         self.critic_replay = (2 if separate else 0) if self.critic_replay is None else self.critic_replay
         if self.critic_labels and not separate:
             raise ValueError("--critic-labels needs --advantage gae and --critic separate (the policy must not see "
@@ -177,12 +191,30 @@ class PageMarks(nn.Module):
     One of two learned vectors (zero at the start) is added to the critic's input embedding on each page id: the
     prompt's "Image k" and every in-range id the response writes, one for a relevant page and one for the rest, so
     "the page this answer lists first is relevant" is a lookup at that id's own position. It is attached as
-    `critic.page_marks`, so it trains with the critic and lives in its checkpoints."""
+    `critic.page_marks`, so it trains with the critic and lives in its checkpoints.
 
-    def __init__(self, hidden: int, token_texts: list[str]):
+    `--critic-greedy`: early in a response the labels predict little of the return (~0.25 of its variance on the
+    demo); most of it is how this policy misreads these pages, which the policy's greedy response to the prompt shows.
+    Its fused reward, in one of `greedy_buckets` equal bins of [0, top], picks one more learned vector (zero at the
+    start), added at every position of the prompt and its responses. Labels are [..., 2]: the page label and the
+    row's bin (-1: not told)."""
+
+    def __init__(self, hidden: int, token_texts: list[str], greedy_buckets: int = 0):
         super().__init__()
         self.vectors = nn.Parameter(torch.zeros(2, hidden))
+        self.greedy = nn.Parameter(torch.zeros(greedy_buckets, hidden)) if greedy_buckets else None
         self.texts = token_texts  # each token id's text: a page id is a run of digit tokens
+
+    def bins(self, scores: torch.Tensor, top: float) -> torch.Tensor:
+        """Greedy responses' fused rewards [P] -> their bins [P]; a reward that is not finite is not told (-1)."""
+        n, scores = self.greedy.shape[0], scores.float()
+        bins = (scores.nan_to_num(0.0) / max(top, 1e-8) * n).floor().clamp(0, n - 1).long()
+        return torch.where(torch.isfinite(scores), bins, -1)
+
+    def with_bins(self, labels: torch.Tensor, bins: torch.Tensor | None) -> torch.Tensor:
+        """[B, N] page labels and each row's bin [B] (None: not told) -> [B, N, 2]."""
+        bins = torch.full(labels.shape[:1], -1, dtype=torch.long) if bins is None else bins.long().cpu()
+        return torch.stack([labels, bins[:, None].expand_as(labels)], -1)
 
     def labels(self, ids: torch.Tensor, relevant: list[set], pages: list[int], prompt: bool) -> torch.Tensor:
         """[B, N] ids -> [B, N]: 1 on a relevant page's id, 0 on another page's, -1 elsewhere. In a prompt only its
@@ -207,8 +239,12 @@ class PageMarks(nn.Module):
         return out
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
-        on = (labels >= 0).to(self.vectors.device, self.vectors.dtype)
-        return self.vectors[labels.clamp(min=0).to(self.vectors.device)] * on[..., None]
+        labels = labels.to(self.vectors.device)
+        page, bins = labels[..., 0], labels[..., 1]
+        out = self.vectors[page.clamp(min=0)] * (page >= 0).to(self.vectors.dtype)[..., None]
+        if self.greedy is not None:
+            out = out + self.greedy[bins.clamp(min=0)] * (bins >= 0).to(self.vectors.dtype)[..., None]
+        return out
 
 
 # ---- the pieces, each checked on its own in tests/test_ppo.py ----
@@ -355,8 +391,8 @@ class Experience:
     old_values: torch.Tensor = None
     advantages: torch.Tensor = None
     returns: torch.Tensor = None
-    prompt_marks: torch.Tensor = None  # [P, L] the critic's PageMarks labels (--critic-labels), else None
-    marks: torch.Tensor = None  # [R, T] the same on the response tokens
+    prompt_marks: torch.Tensor = None  # [P, L, 2] the critic's PageMarks labels (--critic-labels/greedy), or None
+    marks: torch.Tensor = None  # [R, T, 2] the same on the response tokens
 
     @property
     def tokens(self):
@@ -364,7 +400,7 @@ class Experience:
 
     def page_labels(self, model: Qwen2VL, rows, cols: slice | None = None, prompt: bool = False):
         """The PageMarks labels of `rows` (prompt rows when `prompt`; columns `cols`) for `model`'s forward, or None:
-        only a critic built with --critic-labels reads them."""
+        only a critic built with --critic-labels or --critic-greedy reads them."""
         if getattr(model, "page_marks", None) is None or self.marks is None:
             return None
         return (self.prompt_marks if prompt else self.marks)[rows][:, cols or slice(None)].to(model.device)
@@ -473,14 +509,15 @@ def chunks(rows: torch.Tensor, size: int):
 def make_experience(policy: Qwen2VL, prompt_batch: dict, pages: tuple[list, list], rollout: Rollout,
                     scores: torch.Tensor, group_size: int, cfg: PPOConfig, kl_coef: float,
                     critic: Qwen2VL | None = None, reference: Qwen2VL | None = None, reduce=None,
-                    relevant: list[set] | None = None) -> Experience:
+                    relevant: list[set] | None = None, greedy: torch.Tensor | None = None) -> Experience:
     """Old log-probs, reference log-probs, values, per-token rewards and advantages for one rollout.
 
     `pages` is `encode_pages(policy, prompt_batch)` (the vision tower is frozen in PPO, so the sampler and every
     forward here share it). `reference=None` means the policy with its LoRA adapters off; values come from
     `(critic or policy).value_head`. Scores are per row (row i answers prompt i // group_size). `reduce` sums a
-    number over torchrun ranks, so advantages are whitened over the whole global rollout. `relevant` (each prompt's
-    relevant page ids) is what a critic with `page_marks` (--critic-labels) is told.
+    number over torchrun ranks, so advantages are whitened over the whole global rollout. What a critic with
+    `page_marks` is told: `relevant`, each prompt's relevant page ids (--critic-labels), and `greedy`, the fused
+    reward of the policy's greedy response to each prompt (--critic-greedy).
     """
     R, L = rollout.tokens.shape[0], prompt_batch["input_ids"].shape[1]
     group = torch.arange(R) // group_size
@@ -492,13 +529,21 @@ def make_experience(policy: Qwen2VL, prompt_batch: dict, pages: tuple[list, list
         prompt_ids=prompt_batch["input_ids"].cpu(), prompt_mask=prompt_batch["attention_mask"].cpu(),
         prompt_len=L, mask=mask, group=group, features=features, grids=grids,
         scores=scores.float().clamp(-cfg.reward_clip, cfg.reward_clip))
-    if getattr(critic, "page_marks", None) is not None:
-        if relevant is None:
-            raise ValueError("a critic with page marks (--critic-labels) needs each prompt's relevant pages")
-        counts = [len(g) for g in grids]  # each prompt's number of pages
-        exp.prompt_marks = critic.page_marks.labels(exp.prompt_ids, relevant, counts, prompt=True)
-        exp.marks = critic.page_marks.labels(exp.tokens, [relevant[g] for g in group], [counts[g] for g in group],
-                                             prompt=False)
+    if (marks := getattr(critic, "page_marks", None)) is not None:
+        prompt_labels, labels = torch.full(exp.prompt_ids.shape, -1), torch.full(exp.tokens.shape, -1)
+        if cfg.critic_labels:
+            if relevant is None:
+                raise ValueError("a critic told the labels (--critic-labels) needs each prompt's relevant pages")
+            counts = [len(g) for g in grids]  # each prompt's number of pages
+            prompt_labels = marks.labels(exp.prompt_ids, relevant, counts, prompt=True)
+            labels = marks.labels(exp.tokens, [relevant[g] for g in group], [counts[g] for g in group], prompt=False)
+        bins = None
+        if marks.greedy is not None:
+            if greedy is None:
+                raise ValueError("a critic told the greedy score (--critic-greedy) needs each prompt's greedy reward")
+            bins = marks.bins(greedy, cfg.w_rerank + cfg.w_format + cfg.w_think)
+        exp.prompt_marks = marks.with_bins(prompt_labels, bins)
+        exp.marks = marks.with_bins(labels, None if bins is None else bins[group])
     gae_mode = cfg.advantage == "gae"
     old, ref, old_values = [], [], []
     for rows in chunks(torch.arange(R), cfg.micro_batch_size):

@@ -138,14 +138,18 @@ def test_nan_loss_is_skipped_and_the_run_finishes(tiny_model_dirs, data, tmp_pat
     del model
 
 
-def test_nan_reward_is_skipped_and_the_run_finishes(tiny_model_dirs, data, tmp_path, monkeypatch):
+# Step 1 scores the 2 prompts' greedy answers (--critic-greedy, for the critic), then the 4 sampled responses.
+@pytest.mark.parametrize("nan_call, skipped", [(4, 2), (2, 0)])
+def test_nan_reward_is_skipped_and_the_run_finishes(tiny_model_dirs, data, tmp_path, monkeypatch, nan_call, skipped):
+    """A NaN reward of a sampled response: step 1's updates are skipped; of a greedy answer: the critic is not told
+    it (its bin is -1) and nothing is skipped."""
     real = train_ppo.fused_reward
     calls = {"n": 0}
 
     def nan_once(*a, **k):
         calls["n"] += 1
         r = real(*a, **k)
-        return {**r, "reward": float("nan")} if calls["n"] == 2 else r  # one response of step 1
+        return {**r, "reward": float("nan")} if calls["n"] == nan_call else r
 
     monkeypatch.setattr(train_ppo, "fused_reward", nan_once)
     out = tmp_path / "ppo"
@@ -153,7 +157,7 @@ def test_nan_reward_is_skipped_and_the_run_finishes(tiny_model_dirs, data, tmp_p
                     str(out), "--steps", "3", "--prompts-per-step", "2", "--samples", "2", "--max-new-tokens", "6",
                     "--minibatch-size", "4", "--micro-batch-size", "2"])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert records[0]["skipped"] == 2 and records[1]["skipped"] == 0  # step 1: both epochs' updates skipped
+    assert records[0]["skipped"] == skipped and records[1]["skipped"] == 0  # step 1: both epochs' updates, or none
     assert (out / "model" / "config.json").exists()
     weights = Qwen2VL.from_pretrained(out / "model").state_dict()
     assert all(torch.isfinite(v).all() for v in weights.values())

@@ -339,7 +339,7 @@ def test_replay_buffer_survives_a_checkpoint_bit_for_bit(rollout_setup):
                 assert x == y, f.name
 
 
-def test_a_separate_critic_is_told_the_labels_and_replays_by_default():
+def test_a_separate_critic_is_told_the_labels_and_the_greedy_reward_and_replays_by_default():
     """The settings that made the demo's critic learn (bench/README.md) are what `--advantage gae` gives; they have
     no meaning without a separate critic, where labels would reach the policy."""
     assert (PPOConfig().critic_labels, PPOConfig().critic_replay) == (True, 2)
@@ -349,6 +349,11 @@ def test_a_separate_critic_is_told_the_labels_and_replays_by_default():
     assert PPOConfig(critic="shared", critic_replay=2).critic_replay == 2
     with pytest.raises(ValueError, match="critic-labels"):
         PPOConfig(critic="shared", critic_labels=True)
+    assert PPOConfig().critic_greedy and not PPOConfig(critic_greedy=False).critic_greedy
+    for kw in ({"critic": "shared"}, {"advantage": "grpo"}, {"advantage": "reinforce"}):
+        assert PPOConfig(**kw).critic_greedy is False
+        with pytest.raises(ValueError, match="critic-greedy"):
+            PPOConfig(critic_greedy=True, **kw)
 
 
 def test_forward_skips_the_padding_its_rows_do_not_use(rollout_setup):
@@ -577,7 +582,7 @@ def test_page_marks_label_each_page_id(rollout_setup):
     assert marked(response, {3}, 5, False) == [("3", 1), ("3", 1), ("1", 0)]  # 12 is no page of 5
     v = torch.randn(2, 8)
     marks.vectors.data.copy_(v)
-    emb = marks(torch.tensor([[-1, 0, 1]]))
+    emb = marks(marks.with_bins(torch.tensor([[-1, 0, 1]]), None))
     assert torch.equal(emb[0], torch.stack([torch.zeros(8), v[0], v[1]]))
 
 
@@ -600,16 +605,17 @@ def test_page_marks_reach_the_critic_at_their_own_positions(rollout_setup):
         marks, critic.page_marks = critic.page_marks, None
         assert torch.equal(values(), plain)
         critic.page_marks = marks
-        assert (exp.prompt_marks >= 0).sum() == 5  # the "Image k:" slots of prompts with 3 and 2 pages
+        assert (exp.prompt_marks[..., 0] >= 0).sum() == 5  # the "Image k:" slots of prompts with 3 and 2 pages
+        assert (exp.prompt_marks[..., 1] == -1).all()  # built without greedy bins: not told
         torch.nn.init.normal_(critic.page_marks.vectors, std=1.0)
         exp.marks, exp.prompt_marks = torch.full_like(exp.marks, -1), torch.full_like(exp.prompt_marks, -1)
         assert torch.equal(values(), plain)  # nothing marked: the vectors are not read
         j = 3  # mark response token j of every row (as if it named a page)
-        exp.marks[:, j] = torch.tensor([0, 1, 0, 1])
+        exp.marks[:, j, 0] = torch.tensor([0, 1, 0, 1])
         changed = (values() - plain).abs() > 1e-6
         assert not changed[:, :j + 1].any() and changed[:, j + 1:][exp.mask[:, j + 1:]].all()
         exp.marks.fill_(-1)
-        exp.prompt_marks[:, -5] = 1
+        exp.prompt_marks[:, -5, 0] = 1
         assert ((values() - plain).abs() > 1e-6)[exp.mask].all()
         critic.set_gradient_checkpointing(True)  # the other forward path, one sequence per row
         critic.train()
@@ -618,6 +624,37 @@ def test_page_marks_reach_the_critic_at_their_own_positions(rollout_setup):
         assert torch.allclose(checkpointed * exp.mask, shared * exp.mask, atol=1e-5)
         logp = response_forward(model, exp, rows)[0]
         assert torch.equal(logp, exp.old_logp)  # the policy never sees them
+
+
+def test_the_greedy_reward_reaches_every_value_of_its_prompt_and_never_the_policy(rollout_setup):
+    """--critic-greedy: each prompt's greedy reward, binned, changes its critic's values at every response position,
+    token 0 included (it is known before the response starts), leaves the other prompt's rows alone, and never
+    reaches the policy. Fails if the bin is dropped, given to the wrong rows or read only from some position on."""
+    model, path, batch, pages, rollout = rollout_setup
+    proc = Processor.from_pretrained(path)
+    critic = Qwen2VL.from_pretrained(path)
+    critic.value_head = ValueHead(critic.config.text.hidden_size)
+    torch.nn.init.normal_(critic.value_head.linear.weight, std=0.1)
+    critic.page_marks = PageMarks(critic.config.text.hidden_size, proc.token_texts(), greedy_buckets=20)
+    scores = torch.tensor([0.0, 0.05, 0.1, 1.99, 2.0, 5.0, float("nan"), float("inf")])
+    assert critic.page_marks.bins(scores, 2.0).tolist() == [0, 0, 1, 19, 19, 19, -1, -1]  # -1: not told
+    with pytest.raises(ValueError, match="greedy"):
+        make_experience(model, batch, pages, rollout, torch.zeros(4), 2, PPOConfig(), 0.0, critic, reference=model,
+                        relevant=[{1}, {2}])
+    exp = make_experience(model, batch, pages, rollout, torch.zeros(4), 2, PPOConfig(), 0.0, critic, reference=model,
+                          relevant=[{1}, {2}], greedy=torch.tensor([0.3, 1.5]))
+    assert exp.prompt_marks[..., 1].tolist() == [[3] * exp.prompt_ids.shape[1], [15] * exp.prompt_ids.shape[1]]
+    assert (exp.marks[..., 1] == torch.tensor([3, 3, 15, 15])[:, None]).all()  # rows 0, 1 answer prompt 0
+    rows = torch.arange(4)
+    values = lambda: response_forward(critic, exp, rows, logprobs=False, values=True)[2]  # noqa: E731
+    with torch.no_grad():
+        torch.nn.init.normal_(critic.page_marks.greedy, std=1.0)
+        plain = values()
+        exp.prompt_marks[1, :, 1] = 7  # prompt 1 (rows 2, 3) told another reward
+        exp.marks[2:, :, 1] = 7
+        changed = (values() - plain).abs() > 1e-6
+        assert changed[2:][exp.mask[2:]].all() and not changed[:2].any()
+        assert torch.equal(response_forward(model, exp, rows)[0], exp.old_logp)  # the policy never sees it
 
 
 def answer_rollouts(proc, batch, n: int, seed: int, decided_last: bool = False):

@@ -41,7 +41,8 @@ def metrics(out):
                                    ["--advantage", "grpo", "--save-dtype", "bfloat16"],
                                    ["--advantage", "reinforce"],
                                    ["--advantage", "gae", "--critic", "separate", "--lora-rank", "4",
-                                    "--target-kl", "0.1", "--critic-warmup", "1", "--critic-replay", "2"],
+                                    "--target-kl", "0.1", "--critic-warmup", "1", "--critic-replay", "2",
+                                    "--no-critic-greedy"],
                                    ["--advantage", "gae", "--no-critic-labels", "--critic-replay", "0",
                                     "--critic-warmup", "1"],
                                    ["--advantage", "gae", "--critic", "shared"],
@@ -76,6 +77,8 @@ def test_runs_end_to_end(tiny_model_dirs, ppo_data, tmp_path, extra):
     weights = load_file(next((out / "checkpoints").glob("step-*")) / "weights.safetensors")
     marks = weights.get("critic.page_marks.vectors")  # trained with the critic, kept in its checkpoints
     assert (marks is not None and marks.abs().sum() > 0) == labels
+    greedy = weights.get("critic.page_marks.greedy")  # --critic-greedy (the default with a separate critic)
+    assert (greedy is not None and greedy.abs().sum() > 0) == (separate and "--no-critic-greedy" not in extra)
     assert not any("page_marks" in k for k in load_file(out / "model" / "model.safetensors"))
     # The vision tower is frozen: the saved one is the base's to the bit (also when a LoRA base sat in bf16)
     vision = lambda path: {k.split("visual.")[1]: v for k, v in load_file(path).items() if "visual." in k}  # noqa: E731
