@@ -13,7 +13,6 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,8 +20,9 @@ from tqdm import tqdm
 
 from mmr5 import distributed
 from mmr5.data import sample_order
-from mmr5.ppo import (AdaptiveKL, PageMarks, PPOConfig, ValueHead, buffer_from_tensors, buffer_tensors, encode_pages,
-                      explained_variance, last_token, make_experience, outcome, ppo_update, replay_critic)
+from mmr5.critic import PageMarks, ValueHead
+from mmr5.ppo import (AdaptiveKL, PPOConfig, buffer_from_tensors, buffer_tensors, encode_pages, explained_variance,
+                      last_token, make_experience, outcome, ppo_update, replay_critic)
 from mmr5.rewards import fused_reward
 from mmr5.run import Run, add_config_flags, add_run_flags, config_from_args, parse_run_args
 from mmr5.runlog import read_metrics
@@ -109,13 +109,14 @@ def rollout(run: Run, cfg: PPOConfig, policy, samples: list, step: int, keep_goi
         if cfg.critic_greedy:
             best = generate(policy, run.processor, batch, cfg.max_new_tokens, temperature=0.0,
                             keep_going=keep_going, image_features=features)
-            greedy = score(best.texts, samples, replace(cfg, samples=1))[0]
+            greedy = score(best.texts, samples, cfg, n=1)[0]
     return batch, pages, out, greedy
 
 
-def score(texts: list[str], samples: list, cfg: PPOConfig) -> tuple[torch.Tensor, list[dict]]:
-    """The fused reward of each response (row i answers prompt i // samples) and its parts."""
-    parts = [fused_reward(text, samples[i // cfg.samples].positives, len(samples[i // cfg.samples].images),
+def score(texts: list[str], samples: list, cfg: PPOConfig, n: int | None = None) -> tuple[torch.Tensor, list[dict]]:
+    """The fused reward of each response (row i answers prompt i // n; n: `cfg.samples`) and its parts."""
+    n = n or cfg.samples
+    parts = [fused_reward(text, samples[i // n].positives, len(samples[i // n].images),
                           cfg.w_rerank, cfg.w_format, cfg.w_think) for i, text in enumerate(texts)]
     return torch.tensor([p["reward"] for p in parts]), parts
 

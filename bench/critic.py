@@ -33,8 +33,9 @@ from common import setup_threads
 
 from mmr5.data import read_samples
 from mmr5.model import Qwen2VL
-from mmr5.ppo import (PPOConfig, ValueHead, chunks, encode_pages, explained_variance, last_token, make_experience,
-                      masked_mean, response_forward, value_loss)
+from mmr5.critic import ValueHead
+from mmr5.ppo import (PPOConfig, chunks, encode_pages, explained_variance, last_token, make_experience, masked_mean,
+                      response_forward, value_loss)
 from mmr5.processor import Processor
 from mmr5.rewards import fused_reward
 from mmr5.sampler import generate

@@ -20,7 +20,8 @@ PROMPTS, SAMPLES, NEW = 4, 4, 48
 
 def measure(size: str, device: str, separate_reference: bool, queue):
     from mmr5.lora import add_lora
-    from mmr5.ppo import PPOConfig, ValueHead, encode_pages, make_experience, ppo_update
+    from mmr5.critic import ValueHead
+    from mmr5.ppo import PPOConfig, encode_pages, make_experience, ppo_update
     from mmr5.sampler import generate
 
     setup_threads()

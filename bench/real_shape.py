@@ -167,7 +167,8 @@ def ppo_update(model, cfg, base) -> dict:
     from types import SimpleNamespace
 
     from mmr5.lora import add_lora
-    from mmr5.ppo import PPOConfig, ValueHead, encode_pages, make_experience, ppo_update
+    from mmr5.critic import ValueHead
+    from mmr5.ppo import PPOConfig, encode_pages, make_experience, ppo_update
     from mmr5.sampler import generate
 
     model.visual.requires_grad_(False)

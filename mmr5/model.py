@@ -289,7 +289,7 @@ class Qwen2VL(nn.Module):
                 image_features=None, page_labels=None) -> Output:
         """Final hidden states and logits of every position, or of the last `keep_last` only (a prefill needs one).
         `logits=False` skips the LM head: callers that score a subset of positions run it on those themselves.
-        `page_labels` [B, T, 2]: a critic's `self.page_marks` (mmr5.ppo.PageMarks) adds its marks to the input
+        `page_labels` [B, T, 2]: a critic's `self.page_marks` (mmr5.critic.PageMarks) adds its marks to the input
         embeddings here, inside the forward, where FSDP has its parameters gathered.
 
         With a cache, `attention_mask` covers every position so far (cached + new), as in HF, and `position_ids`

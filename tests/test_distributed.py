@@ -146,7 +146,8 @@ sys.path.insert(0, os.environ["ROOT"])
 from mmr5 import distributed
 from mmr5.lora import add_lora
 from mmr5.model import Qwen2VL
-from mmr5.ppo import PPOConfig, ValueHead, make_experience, ppo_update
+from mmr5.critic import ValueHead
+from mmr5.ppo import PPOConfig, make_experience, ppo_update
 from mmr5.sampler import Rollout
 d = distributed.setup("cpu")
 fixed = torch.load(os.environ["FIXED"], weights_only=True)

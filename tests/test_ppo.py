@@ -12,10 +12,11 @@ from conftest import page_images
 
 from mmr5.lora import add_lora
 from mmr5.model import Qwen2VL
-from mmr5.ppo import (AdaptiveKL, Experience, PageMarks, PPOConfig, ValueHead, buffer_from_tensors, buffer_tensors,
-                      encode_pages, explained_variance, gae, group_advantages, kl_estimate, last_token, make_experience,
-                      masked_mean, masked_whiten, outcome, policy_loss, ppo_update, replay_critic, response_forward,
-                      sequence_mean, value_loss)
+from mmr5.critic import PageMarks, ValueHead
+from mmr5.ppo import (AdaptiveKL, Experience, PPOConfig, buffer_from_tensors, buffer_tensors, encode_pages,
+                      explained_variance, gae, group_advantages, kl_estimate, last_token, make_experience, masked_mean,
+                      masked_whiten, outcome, policy_loss, ppo_update, replay_critic, response_forward, sequence_mean,
+                      value_loss)
 from mmr5.processor import Processor
 from mmr5.sampler import generate
 from mmr5.weights import canonical_key
