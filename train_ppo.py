@@ -253,6 +253,8 @@ def main(argv=None):
             for m in models.values():
                 m.train()
             generator = torch.Generator().manual_seed(args.seed * 7919 + run.step * 1009 + run.d.rank)
+            if cfg.anneal_lr:  # group 0 is the policy's (build_models)
+                optimizer.param_groups[0]["lr"] = cfg.lr * (1 - run.step / cfg.steps)
             stats = ppo_update(policy, exp, optimizer, params, cfg, kl_ctl.value, critic, value_only=warming,
                                generator=generator, forwards=forwards, reduce=reduce, world=run.d.world)
             if replaying:

@@ -162,7 +162,8 @@ def main():
         argv = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
         argv += ["--model", str(REPO / train_ppo.DEMO_SFT / "model"), "--train", paths["train"], "--eval",
                  paths["eval"], "--no-resume", "--no-critic-labels",
-                 "--no-critic-greedy"]  # the marks here are this harness's own
+                 "--no-critic-greedy",  # the marks here are this harness's own
+                 "--prompt-baseline", "critic"]  # as measured (2026-12-05, before the batch baseline)
         subprocess.run([sys.executable, __file__, "--reader", args.reader, "--marks", args.marks, "--reading",
                         args.reading, "--run", *argv], check=True, stdout=subprocess.DEVNULL)
         summary = json.loads((out / "summary.json").read_text())

@@ -81,6 +81,14 @@ class PPOConfig:
     score_baseline: str = setting("none", "gae: subtract from each score the mean score of its prompt's samples "
                                   "before GAE (group: the critic then predicts only how a response differs from its "
                                   "prompt's average, which it can read from the response)", choices=["none", "group"])
+    prompt_baseline: str = setting("batch", "gae: what the policy's advantages take as a prompt's expected return: "
+                                   "the batch's mean of the critic's values at the responses' first tokens (batch: "
+                                   "A_t = GAE_t + V(s_0) - mean V(s_0): the critic assigns credit within a response, "
+                                   "and a prompt the policy does better on than the batch's average is reinforced, "
+                                   "a worse one pushed away from), or the critic's value there. The demo, held-out "
+                                   "rerank at steps 20 / 50 (3 seeds): batch 0.735 / 0.720, critic 0.665 / 0.650, "
+                                   "GRPO 0.637 / 0.719",
+                                   choices=["batch", "critic"])
     kl_coef: float = setting(0.05, "beta: weight of KL(policy || reference) (the release's GRPO: 0.04)")
     kl_in: str | None = setting(None, "k1 per token in the reward, or k3 in the loss (default: reward for gae and "
                                 "reinforce, loss for grpo)", choices=["reward", "loss"], type=str)
@@ -108,6 +116,8 @@ class PPOConfig:
     minibatch_size: int = setting(8, "rollout rows per optimizer step")
     micro_batch_size: int = setting(4, "rows per forward (gradient accumulation)")
     lr: float = setting(1e-5, "learning rate (the release: 1e-5 with LoRA r64)")
+    anneal_lr: bool = setting(False, "the policy's learning rate falls linearly from --lr to 0 over --steps (cleanrl's "
+                              "anneal_lr; the critic's stays at --critic-lr)", action=argparse.BooleanOptionalAction)
     critic_lr: float | None = setting(None, "learning rate of the value head (and of a separate critic model); "
                                       "default 10x --lr (VAPO: the critic faster than the actor; V starts at the "
                                       "first rollout's mean return, so this only has to learn the differences)",
@@ -478,6 +488,8 @@ def make_experience(policy: Qwen2VL, prompt_batch: dict, pages: tuple[list, list
         if gae_mode:  # Decoupled GAE (VC-PPO): the policy's lambda for advantages, lam_critic for value targets.
             lam = (1 - 1 / (cfg.lam_alpha * mask.sum(1).clamp(min=1))).clamp(0, 1) if cfg.lam_alpha > 0 else cfg.lam
             advantages, _ = gae(rewards, exp.old_values, m, cfg.gamma, lam)
+            if cfg.prompt_baseline == "batch":  # + V(s_0) - mean V(s_0): the whitening below takes the mean off
+                advantages += exp.old_values[:, :1] * m
             exp.returns = gae(rewards, exp.old_values, m, cfg.gamma, cfg.lam_critic)[1]
         else:  # REINFORCE++: the return-to-go itself (V = 0, lam = 1); whitening below is its batch baseline.
             advantages = gae(rewards, torch.zeros_like(rewards), m, cfg.gamma, 1.0)[0]

@@ -212,6 +212,24 @@ def test_group_score_baseline_and_value_start(rollout_setup):
     assert head.linear.weight.abs().max() > 0
 
 
+def test_batch_prompt_baseline_moves_each_prompt_by_its_value_against_the_batch(rollout_setup):
+    """--prompt-baseline batch: A_t = G_t - V(s_t) + V(s_0) - mean V(s_0) (lam 1), then whitened; the critic's own
+    targets do not change."""
+    model, path, batch, pages, rollout = rollout_setup
+    model = policy_off_its_reference(path)
+    model.value_head = ValueHead(64)
+    torch.nn.init.normal_(model.value_head.linear.weight, std=0.5)
+    scores = torch.tensor([1.0, 0.0, 0.5, 0.2])
+    exps = {b: make_experience(model, batch, pages, rollout, scores, 2, PPOConfig(lam=1.0, prompt_baseline=b), 0.1)
+            for b in ("critic", "batch")}
+    m = exps["critic"].mask.float()
+    values, returns = exps["critic"].old_values, exps["critic"].returns
+    assert torch.equal(returns, exps["batch"].returns) and values[:, 0].std() > 0.01
+    assert torch.allclose(exps["critic"].advantages, masked_whiten(returns - values, m), atol=1e-5)
+    shift = (values[:, 0] - values[:, 0].mean())[:, None] * m
+    assert torch.allclose(exps["batch"].advantages, masked_whiten(returns - values + shift, m), atol=1e-5)
+
+
 def test_ppo_update_moves_toward_advantage_and_guards_nan(rollout_setup):
     _, path, batch, pages, rollout = rollout_setup
     model = Qwen2VL.from_pretrained(path)

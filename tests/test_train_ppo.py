@@ -38,7 +38,7 @@ def metrics(out):
 
 
 @pytest.mark.parametrize("extra", [["--advantage", "gae", "--w-think", "1"],
-                                   ["--advantage", "grpo", "--save-dtype", "bfloat16"],
+                                   ["--advantage", "grpo", "--save-dtype", "bfloat16", "--anneal-lr"],
                                    ["--advantage", "reinforce"],
                                    ["--advantage", "gae", "--critic", "separate", "--lora-rank", "4",
                                     "--target-kl", "0.1", "--critic-warmup", "1", "--critic-replay", "2",
@@ -74,7 +74,10 @@ def test_runs_end_to_end(tiny_model_dirs, ppo_data, tmp_path, extra):
     else:
         assert "critic_last_20_steps" not in summary
     assert (out / "model" / "config.json").exists() and (out / "curve.png").exists()
-    weights = load_file(next((out / "checkpoints").glob("step-*")) / "weights.safetensors")
+    checkpoint = next((out / "checkpoints").glob("step-*"))
+    policy_lr = json.loads((checkpoint / "state.json").read_text())["optimizer"]["param_groups"][0]["lr"]
+    assert policy_lr == pytest.approx(1e-3 * (0.25 if "--anneal-lr" in extra else 1))  # step 4 of 4: 1 - 3/4
+    weights = load_file(checkpoint / "weights.safetensors")
     marks = weights.get("critic.page_marks.vectors")  # trained with the critic, kept in its checkpoints
     assert (marks is not None and marks.abs().sum() > 0) == labels
     greedy = weights.get("critic.page_marks.greedy")  # --critic-greedy (the default with a separate critic)
