@@ -5,13 +5,14 @@ Runs `train_ppo.py` with the built-in demo's settings from the full built-in SFT
 step), each in its own folder under --out. Then prints held-out rerank reward, Recall@1 and format reward at every
 evaluation, against the step and the wall-clock seconds the run had spent in training steps by then, and the mean
 over seeds, and each PPO run's critic (median explained variance over its last 20 steps). `gae` is the default (its
-critic told the labels and the greedy answer's reward, replaying the last 2 rollouts; each prompt's baseline the
-batch's mean value); `gae-critic-baseline` the default before that (2026-12-05 afternoon), each prompt's baseline its
-own value; `gae-labels-replay2` the default before the greedy reward (2026-12-05 noon), `gae-plain` the one before
-that, neither labels nor replay; `gae-replay` replay alone, `gae-labels` labels alone; `reinforce` is PPO's objective
-with the critic taken out (`--advantage reinforce`): what the critic adds. Needs `python train_sft.py` first.
-Usage: python bench/ppo_vs_grpo.py [--seeds 0 1 2] [--steps 60] [--advantages gae grpo gae-critic-baseline
-       gae-labels-replay2 gae-plain gae-replay gae-labels reinforce]
+critic told the labels and the greedy answer's reward, replaying the last 3 rollouts; each prompt's baseline the
+batch's mean value); `gae-replay2` the same replaying 2; `gae-critic-baseline` the default before (2026-12-05
+afternoon), each prompt's baseline its own value, replaying 2; `gae-labels-replay2` the default before the greedy
+reward (2026-12-05 noon), `gae-plain` the one before that, neither labels nor replay; `gae-replay` replay alone,
+`gae-labels` labels alone; `reinforce` is PPO's objective with the critic taken out (`--advantage reinforce`): what
+the critic adds. Needs `python train_sft.py` first.
+Usage: python bench/ppo_vs_grpo.py [--seeds 0 1 2] [--steps 60] [--advantages gae grpo gae-replay2
+       gae-critic-baseline gae-labels-replay2 gae-plain gae-replay gae-labels reinforce]
 """
 import argparse
 import json
@@ -26,10 +27,11 @@ from mmr5.synthetic import build_rl_demo  # noqa: E402
 from train_ppo import DEMO, DEMO_SFT  # noqa: E402
 
 
-# each setting compared: train_ppo.py flags on top of the demo's
-OLD = {"advantage": "gae", "prompt_baseline": "critic", "critic_greedy": False}  # the critics before 2026-12-05 noon
+# each setting compared: train_ppo.py flags on top of the demo's (OLD: the critics before 2026-12-05 noon)
+OLD = {"advantage": "gae", "prompt_baseline": "critic", "critic_greedy": False, "critic_replay": 2}
 SETTINGS = {"gae": {"advantage": "gae"}, "grpo": {"advantage": "grpo"},
-            "gae-critic-baseline": {"advantage": "gae", "prompt_baseline": "critic"},
+            "gae-replay2": {"advantage": "gae", "critic_replay": 2},
+            "gae-critic-baseline": {"advantage": "gae", "prompt_baseline": "critic", "critic_replay": 2},
             "gae-labels-replay2": OLD,
             "gae-plain": {**OLD, "critic_labels": False, "critic_replay": 0},
             "gae-replay": {**OLD, "critic_labels": False, "critic_replay": 3},
@@ -68,8 +70,9 @@ def main():
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (sampling, data order)")
     p.add_argument("--advantages", nargs="+", default=["gae", "grpo"], choices=list(SETTINGS),
                    help="settings to run (gae: PPO as train_ppo.py's defaults, its critic told the labels and the "
-                        "greedy answer's reward, replaying, the batch's mean value each prompt's baseline; "
-                        "gae-critic-baseline: each prompt's own value; gae-labels-replay2: that, without the greedy "
+                        "greedy answer's reward, replaying 3, the batch's mean value each prompt's baseline; "
+                        "gae-replay2: replaying 2; gae-critic-baseline: that, each prompt's own value; "
+                        "gae-labels-replay2: that, without the greedy "
                         "reward; gae-plain: none; gae-replay / gae-labels: one of them; reinforce: PPO with no critic)")
     p.add_argument("--steps", type=int, default=None, help="steps per run (default: the demo's)")
     p.add_argument("--out", default="runs/bench_ppo_vs_grpo", help="one folder per run under this")

@@ -58,7 +58,7 @@ class PPOConfig:
                              choices=["gae", "grpo", "reinforce"])
     critic: str = setting("separate", "a value head on a separate copy of the starting model (a trunk of its own; "
                           "with its defaults, told the labels and the greedy answer's reward, replaying, a median "
-                          "0.65 / 0.78 of the demo's return variance explained over all tokens / at the last token, 3 "
+                          "0.58 / 0.69 of the demo's return variance explained over all tokens / at the last token, 3 "
                           "seeds), or on the policy's detached states (shared: about 0 there, but no second model in "
                           "memory)",
                           choices=["shared", "separate"])
@@ -74,9 +74,8 @@ class PPOConfig:
                                          "and step, a rollout from the prompt as VinePPO's values are; a function of "
                                          "the prompt and the policy alone, so the baseline stays unbiased; default: "
                                          "on with --advantage gae and --critic separate). The demo, median explained "
-                                         "variance all / last token: 0.65 / 0.78 (3 seeds; without it 0.37 / 0.78, 6), "
-                                         "held-out rerank at step 50 0.650 (0.724 without: a critic this good "
-                                         "leaves the near-deterministic demo policy GRPO's per-prompt signal)",
+                                         "variance all / last token: 0.65 / 0.78 with it, 0.37 / 0.78 without (with "
+                                         "replay 2 and --prompt-baseline critic, 3 and 6 seeds)",
                                          action=argparse.BooleanOptionalAction)
     score_baseline: str = setting("none", "gae: subtract from each score the mean score of its prompt's samples "
                                   "before GAE (group: the critic then predicts only how a response differs from its "
@@ -86,8 +85,9 @@ class PPOConfig:
                                    "A_t = GAE_t + V(s_0) - mean V(s_0): the critic assigns credit within a response, "
                                    "and a prompt the policy does better on than the batch's average is reinforced, "
                                    "a worse one pushed away from), or the critic's value there. The demo, held-out "
-                                   "rerank at steps 20 / 50 (3 seeds): batch 0.735 / 0.720, critic 0.665 / 0.650, "
-                                   "GRPO 0.637 / 0.719",
+                                   "rerank at steps 20 / 50 (3 seeds): batch 0.712 / 0.750, critic 0.665 / 0.650 "
+                                   "(the critic told the greedy answer's reward sees ~no difference between a "
+                                   "near-deterministic policy's samples), GRPO 0.637 / 0.719",
                                    choices=["batch", "critic"])
     kl_coef: float = setting(0.05, "beta: weight of KL(policy || reference) (the release's GRPO: 0.04)")
     kl_in: str | None = setting(None, "k1 per token in the reward, or k3 in the loss (default: reward for gae and "
@@ -130,11 +130,11 @@ class PPOConfig:
                                           "explained variance")
     critic_replay: int | None = setting(None, "after each update the critic also takes one value-only pass over "
                                         "each of the last N earlier rollouts (their returns, its values refreshed "
-                                        "first; kept in the checkpoints), as PPG's auxiliary phase does (default: 2 "
-                                        "with --critic separate, else 0). The demo with the labels: 2 explains 0.37 "
-                                        "/ 0.78 (all / last token; 6 seeds), 3 0.35 / 0.89, 0 0.26 / 0.47 (3 seeds "
-                                        "each; without --critic-greedy); held-out rerank at step 50 0.724, 0.718, "
-                                        "0.653; a step 1.4x, 1.6x, 1x",
+                                        "first; kept in the checkpoints), as PPG's auxiliary phase does (default: 3 "
+                                        "with --critic separate, else 0). The demo with its defaults (3 seeds): 3 "
+                                        "explains 0.58 / 0.69 (all / last token; lowest 0.51 / 0.66), 2 0.56 / 0.66 "
+                                        "(lowest 0.53 / 0.61); held-out rerank at step 50 0.750, 0.720; a step "
+                                        "~13 s, ~12 s",
                                         type=int)
     grad_clip: float = setting(1.0, "clip the gradient norm (0 = off)")
 
@@ -152,7 +152,7 @@ class PPOConfig:
         self.critic_greedy = separate if self.critic_greedy is None else self.critic_greedy
         if self.critic_greedy and not separate:
             raise ValueError("--critic-greedy needs --advantage gae and --critic separate")
-        self.critic_replay = (2 if separate else 0) if self.critic_replay is None else self.critic_replay
+        self.critic_replay = (3 if separate else 0) if self.critic_replay is None else self.critic_replay
         if self.critic_labels and not separate:
             raise ValueError("--critic-labels needs --advantage gae and --critic separate (the policy must not see "
                              "the labels)")
