@@ -72,8 +72,8 @@ def main():
                    help="settings to run (gae: PPO as train_ppo.py's defaults, its critic told the labels and the "
                         "greedy answer's reward, replaying 3, the batch's mean value each prompt's baseline; "
                         "gae-replay2: replaying 2; gae-critic-baseline: that, each prompt's own value; "
-                        "gae-labels-replay2: that, without the greedy "
-                        "reward; gae-plain: none; gae-replay / gae-labels: one of them; reinforce: PPO with no critic)")
+                        "gae-labels-replay2: that, without the greedy reward; gae-plain: none; gae-replay / "
+                        "gae-labels: one of them; reinforce: PPO with no critic)")
     p.add_argument("--steps", type=int, default=None, help="steps per run (default: the demo's)")
     p.add_argument("--out", default="runs/bench_ppo_vs_grpo", help="one folder per run under this")
     p.add_argument("--rerun", action="store_true", help="rerun finished runs (default: reuse their metrics)")

@@ -1,7 +1,7 @@
 """The critic's own modules: its value head, and PageMarks, what it is told that the policy is not.
 
-Pipeline: data -> processor -> model -> sampler -> rewards -> [ppo] (split from ppo.py); train_ppo.py attaches these
-to the critic (a separate model, or the policy for `--critic shared`): they train with it and live in its checkpoints.
+Pipeline: data -> processor -> model -> sampler -> rewards -> [ppo]; train_ppo.py attaches these to the critic (a
+separate model, or the policy for `--critic shared`): they train with it and live in its checkpoints.
 """
 import re
 
